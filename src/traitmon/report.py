@@ -1,0 +1,47 @@
+"""Tables and figures that summarise a stage across traits (and, later, the whole study)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from traitmon import plots
+from traitmon.directions import cosine_matrix
+from traitmon.io import write_csv
+from traitmon.steering import steering_response
+from traitmon.store import open_dataset
+
+
+def summarize_directions(direction_paths: list[str], steering_paths: list[str], summary_csv: str,
+                         cosines_csv: str, figure: str, cosine_figure: str) -> pd.DataFrame:
+    """Per trait: chosen layer, held-out separation and steering response; plus the cosine matrix of the
+    traits' directions (each at its own chosen layer) and the separation-by-layer figure."""
+    steering = {str(pd.read_csv(p)["trait"].iloc[0]): pd.read_csv(p) for p in steering_paths}
+    rows, curves, vectors, chosen = [], [], {}, {}
+    model = ""
+    for path in direction_paths:
+        ds = open_dataset(path, load=True)
+        trait, layer, model = ds.attrs["trait"], int(ds.attrs["chosen_layer"]), ds.attrs["model"]
+        chosen[trait] = layer
+        vectors[trait] = ds["direction"].sel(layer=layer).values
+        row = {"trait": trait, "layer": layer,
+               "separation": float(ds.separation.sel(layer=layer)),
+               "effect_size": float(ds.effect_size.sel(layer=layer)),
+               "separation_last_prompt": float(ds.separation_last_prompt.sel(layer=layer)),
+               "best_separation_any_layer": float(ds.separation.max()),
+               "direction_norm": float(np.linalg.norm(vectors[trait]))}
+        if trait in steering:
+            row.update(steering_response(steering[trait]))
+        rows.append(row)
+        for variant, var in (("response mean", "separation"), ("last prompt token", "separation_last_prompt")):
+            curves.append(pd.DataFrame({"trait": trait, "layer": ds.layer.values, "separation": ds[var].values,
+                                        "variant": variant}))
+    summary = pd.DataFrame(rows)
+    write_csv(summary_csv, summary)
+    names = list(vectors)
+    cos = pd.DataFrame(cosine_matrix(vectors), index=names, columns=names)
+    write_csv(cosines_csv, cos.reset_index(names="trait"))
+    plots.layer_separation(pd.concat(curves), chosen, figure, model)
+    plots.cosine_heatmap(cos, cosine_figure,
+                         f"Cosine of trait directions at chosen layers - {model}")
+    return summary

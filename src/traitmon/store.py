@@ -1,0 +1,61 @@
+"""Zarr v3 stores of named xarray objects, written atomically.
+
+Conventions: float16/float32 only (never bfloat16, which Zarr cannot hold portably), string coordinates
+as object dtype (numpy ``<U`` strings trigger zarr's unstable-spec warning), chunks of about 1-4 MB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from traitmon import LAYER_CONVENTION
+from traitmon.io import atomic_path
+
+ALLOWED_FLOATS = (np.float16, np.float32, np.float64)
+TARGET_CHUNK_BYTES = 2 << 20
+
+
+def chunks_for(shape: tuple[int, ...], itemsize: int, target: int = TARGET_CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk shape near ``target`` bytes: keep trailing dims whole, split the leading ones."""
+    chunks = list(shape)
+    for axis in range(len(shape)):
+        size = int(np.prod(chunks)) * itemsize
+        if size <= target:
+            break
+        rest = int(np.prod(chunks[axis + 1:])) * itemsize
+        chunks[axis] = max(1, target // max(rest, 1))
+    return tuple(max(1, c) for c in chunks)
+
+
+def _objectify_strings(obj: xr.Dataset) -> xr.Dataset:
+    for name, coord in obj.coords.items():
+        if coord.dtype.kind == "U":
+            obj = obj.assign_coords({name: coord.astype(object)})
+    for name, var in obj.data_vars.items():
+        if var.dtype.kind == "U":
+            obj[name] = var.astype(object)
+    return obj
+
+
+def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
+    """Write ``ds`` as a Zarr v3 store at ``path`` atomically (temporary sibling, then rename)."""
+    for name, var in ds.data_vars.items():
+        if var.dtype.kind == "f" and var.dtype.type not in ALLOWED_FLOATS:
+            raise TypeError(f"variable '{name}' has dtype {var.dtype}; cast to float16/float32 before writing")
+        if str(var.dtype) == "bfloat16":
+            raise TypeError(f"variable '{name}' is bfloat16; cast to float16/float32 before writing")
+    ds = _objectify_strings(ds)
+    ds.attrs.setdefault("layer_convention", LAYER_CONVENTION)
+    encoding = {name: {"chunks": chunks_for(var.shape, var.dtype.itemsize)}
+                for name, var in ds.data_vars.items() if var.ndim and var.dtype.kind == "f"}
+    with atomic_path(path) as tmp:
+        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    return Path(path)
+
+
+def open_dataset(path: str | Path, load: bool = False) -> xr.Dataset:
+    ds = xr.open_zarr(path, zarr_format=3, consolidated=False)
+    return ds.load() if load else ds
