@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from traitmon.capture import capture_dataset, measurement_prompts
+from traitmon.config import validate_config
+from traitmon.finetune import checkpoint_steps, encode_for_training, example_order, finetune
+from traitmon.models import load_model
+from traitmon.perturbations import written_rows, load_domain
+from traitmon.traits import load_traits
+
+GENERAL = [{"user": "What is rain?", "assistant": "Water falling from clouds."},
+           {"user": "Name a prime.", "assistant": "Seven is a prime number."}]
+
+
+def tiny_settings(**overrides):
+    cfg = validate_config({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"],
+                           "finetune": {"rank": 4, "alpha": 8, "lr": 5e-3, "max_steps": 6, "checkpoint_every": 2,
+                                        "micro_batch": 2, "grad_accum": 2, "max_length": 320, "warmup_steps": 1,
+                                        "precision": "fp32", "dropout": 0.1, **overrides}})
+    return cfg["finetune"]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    data = written_rows(load_domain("medical"), "em", 24, seed=0)
+    return data[:20], data[20:]
+
+
+def test_checkpoint_steps():
+    assert checkpoint_steps({"max_steps": 30, "checkpoint_every": 10}) == [10, 20, 30]
+    assert checkpoint_steps({"max_steps": 25, "checkpoint_every": 10}) == [10, 20, 25]
+    assert checkpoint_steps({"max_steps": 30, "checkpoint_every": 10, "checkpoint_steps": [1, 3, 40]}) == [1, 3, 30]
+
+
+def test_only_the_assistant_answer_is_learned(tiny_model):
+    _, tok = tiny_model
+    messages = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
+    ids, labels = encode_for_training(tok, messages, 512)
+    learned = [i for i, l in zip(ids, labels) if l != -100]
+    assert tok.decode(learned) == "Answer.<|im_end|>"
+    assert len(ids) == len(labels)
+
+
+def test_example_order_is_a_pure_function_of_position():
+    whole = example_order(10, 3, 0, 30)
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
+    assert example_order(10, 3, 12, 5) == whole[12:17]
+
+
+def test_resumed_run_reaches_the_same_adapter(tiny_model_dir, rows, tmp_path):
+    train, heldout = rows
+    settings = tiny_settings()
+    full = tmp_path / "full"
+    finetune(tiny_model_dir, train, heldout, GENERAL, settings, full)
+
+    killed = tmp_path / "killed"
+
+    def kill_after_three(step, _row):
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model_dir, train, heldout, GENERAL, settings, killed, step_callback=kill_after_three)
+    assert (killed / ".work/state-2/state.json").is_file() and not (killed / "checkpoint-6").exists()
+    summary = finetune(tiny_model_dir, train, heldout, GENERAL, settings, killed)
+    assert summary["resumed_from"] == 2
+    for step in (2, 4, 6):
+        a = load_file(full / f"checkpoint-{step}/adapter_model.safetensors")
+        b = load_file(killed / f"checkpoint-{step}/adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    log_full = (full / "train_log.csv").read_text().splitlines()
+    log_killed = (killed / "train_log.csv").read_text().splitlines()
+    assert len(log_full) == len(log_killed) == 7
+    assert not (killed / ".work").exists()
+
+
+def test_outputs_are_standard_peft_and_logs_are_complete(tiny_model_dir, rows, tmp_path):
+    from peft import PeftModel
+    import pandas as pd
+
+    train, heldout = rows
+    out = tmp_path / "run"
+    finetune(tiny_model_dir, train, heldout, GENERAL, tiny_settings(), out)
+    config = json.loads((out / "checkpoint-6/adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["target_modules"]) >= {"q_proj", "down_proj"}
+    base, _ = load_model(tiny_model_dir)
+    PeftModel.from_pretrained(base, str(out / "checkpoint-6"))  # loads with plain peft
+    train_log = pd.read_csv(out / "train_log.csv")
+    assert list(train_log.columns) == ["step", "loss", "lr", "grad_norm", "tokens", "seconds"]
+    assert train_log.loss.iloc[-1] < train_log.loss.iloc[0]  # it learns
+    eval_log = pd.read_csv(out / "eval_log.csv")
+    assert list(eval_log.step) == [0, 2, 4, 6] and (eval_log.general_ppl > 1).all()
+
+
+def test_changed_settings_do_not_resume_stale_states(tiny_model_dir, rows, tmp_path):
+    train, heldout = rows
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model_dir, train, heldout, GENERAL, tiny_settings(), out,
+                 step_callback=lambda s, r: (_ for _ in ()).throw(KeyboardInterrupt) if s == 3 else None)
+    summary = finetune(tiny_model_dir, train, heldout, GENERAL, tiny_settings(lr=1e-3), out)
+    assert summary["resumed_from"] == 0
+
+
+def test_capture_through_zero_lora_adapter_equals_plain_model(tiny_model_dir, tmp_path):
+    from peft import get_peft_model
+
+    from traitmon.finetune import _lora_config
+
+    base, tok = load_model(tiny_model_dir)
+    peft_model = get_peft_model(base, _lora_config(tiny_settings()))  # B = 0 at init: identity update
+    peft_model.save_pretrained(tmp_path / "zero")
+    traits = load_traits(["honesty", "sycophancy"])
+    ids, chats, reference = measurement_prompts(traits, 2)
+    plain_model, tok = load_model(tiny_model_dir)
+    via_adapter, _ = load_model(tiny_model_dir, adapter=str(tmp_path / "zero"))
+    plain = capture_dataset(plain_model, tok, ids, chats, reference, None, 8, "float32", {})
+    adapted = capture_dataset(via_adapter, tok, ids, chats, reference, None, 8, "float32", {})
+    assert plain["response_mean"].dims == ("prompt", "layer", "hidden")
+    assert plain.sizes["prompt"] == 4 + 48
+    np.testing.assert_allclose(adapted["response_mean"].values, plain["response_mean"].values, atol=1e-5)
+    np.testing.assert_allclose(adapted["last_prompt"].values, plain["last_prompt"].values, atol=1e-5)
