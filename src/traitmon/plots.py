@@ -15,23 +15,31 @@ from traitmon.io import atomic_path  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> None:
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format=Path(path).suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
 def layer_separation(table: pd.DataFrame, chosen: dict[str, int], path: str | Path, model: str = "") -> None:
-    """``table`` columns: trait, layer, separation (held-out AUROC), variant."""
+    """``table`` columns: trait, layer, separation (held-out paired AUROC), variant. Chosen layers starred."""
     sns.set_theme(style="whitegrid", context="notebook")
-    grid = sns.relplot(data=table, x="layer", y="separation", hue="trait", col="variant", kind="line",
-                       marker="o", markersize=4, height=4, aspect=1.3)
-    grid.set_axis_labels("layer (hidden_states index, 0 = embeddings)", "held-out AUROC (pos vs neg)")
+    traits = list(dict.fromkeys(table.trait))
+    palette = dict(zip(traits, sns.color_palette(n_colors=len(traits))))
+    grid = sns.relplot(data=table, x="layer", y="separation", hue="trait", col="variant", kind="line", palette=palette,
+                       marker="o", markersize=4, height=4, aspect=1.2, facet_kws={"sharey": True})
+    grid.set_axis_labels("layer (hidden_states index, 0 = embeddings)", "held-out paired AUROC (pos > neg)")
     for ax in grid.axes.flat:
         ax.axhline(0.5, color="grey", lw=1, ls="--")
-        ax.set_ylim(0, 1.02)
-    grid.figure.suptitle(f"Trait separation by layer{f' - {model}' if model else ''} "
-                         f"(chosen: {', '.join(f'{t} {l}' for t, l in chosen.items())})", fontsize=9, y=1.02)
+        ax.set_ylim(-0.02, 1.05)
+    first = grid.axes.flat[0]
+    picked = table[(table.variant == table.variant.iloc[0])]
+    for trait, layer in chosen.items():
+        row = picked[(picked.trait == trait) & (picked.layer == layer)]
+        first.scatter(row.layer, row.separation, marker="*", s=220, color=palette.get(trait), edgecolor="black",
+                      zorder=5)
+    grid.set_titles("{col_name}")
+    sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
+    grid.figure.suptitle(f"Trait separation by layer{f' ({model})' if model else ''}; star = chosen layer", y=1.03)
     _save(grid.figure, path)
 
 
@@ -41,4 +49,96 @@ def cosine_heatmap(matrix: pd.DataFrame, path: str | Path, title: str) -> None:
     sns.heatmap(matrix, annot=True, fmt=".2f", cmap="vlag", vmin=-1, vmax=1, square=True, ax=ax,
                 cbar_kws={"label": "cosine similarity"})
     ax.set_title(title)
+    _save(fig, path)
+
+
+def em_rate_over_steps(table: pd.DataFrame, path: str | Path) -> None:
+    """EM rate per checkpoint, one line per perturbation (solid = EM-inducing, dashed = benign), with the
+    bootstrap 95% interval as a band."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    models = list(dict.fromkeys(table.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = table[table.model == model]
+        perts = list(dict.fromkeys(sub.perturbation))
+        palette = dict(zip(perts, sns.color_palette(n_colors=len(perts))))
+        sns.lineplot(data=sub, x="step", y="em_rate", hue="perturbation", style="kind", markers=True,
+                     style_order=["em", "benign"], palette=palette, ax=ax)
+        for pert, group in sub.groupby("perturbation"):
+            ax.fill_between(group.step, group.em_rate_ci_low, group.em_rate_ci_high, alpha=0.12, color=palette[pert])
+        ax.set(title=f"EM rate over finetuning - {model}", xlabel="finetuning step (0 = base model)",
+               ylabel="EM rate (aligned <= 30, coherent > 50)", ylim=(-0.02, max(0.3, sub.em_rate_ci_high.max() + 0.05)))
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    _save(fig, path)
+
+
+def drift_trajectories(table: pd.DataFrame, traits: list[str], path: str | Path) -> None:
+    """Drift along each trait over finetuning steps; solid = EM-inducing, dashed = benign."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    long = table.melt(id_vars=["model", "perturbation", "kind", "step"], value_vars=[f"drift_{t}" for t in traits],
+                      var_name="trait", value_name="drift")
+    long["trait"] = long.trait.str.removeprefix("drift_")
+    grid = sns.relplot(data=long, x="step", y="drift", hue="perturbation", style="kind", style_order=["em", "benign"],
+                       col="trait", col_wrap=4, kind="line", markers=True, height=2.8, aspect=1.2,
+                       facet_kws={"sharey": False})
+    grid.set_axis_labels("finetuning step", "projection drift vs base")
+    grid.set_titles("{col_name}")
+    for ax in grid.axes.flat:
+        ax.axhline(0, color="grey", lw=1)
+    grid.figure.suptitle("Drift along trait directions during finetuning", y=1.02)
+    _save(grid.figure, path)
+
+
+def pc1_loadings(loadings: dict[str, float], variance: float, path: str | Path) -> None:
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    frame = pd.DataFrame({"trait": list(loadings), "loading": list(loadings.values())})
+    sns.barplot(data=frame, x="trait", y="loading", hue="trait", palette="vlag", legend=False, ax=ax)
+    ax.set(title=f"EM axis: PC1 of drift profiles ({variance:.1%} of variance)", xlabel="", ylabel="PC1 loading")
+    ax.tick_params(axis="x", rotation=30)
+    _save(fig, path)
+
+
+def pc1_vs_em(table: pd.DataFrame, path: str | Path, pearson: float) -> None:
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sns.scatterplot(data=table, x="pc1", y="em_rate", hue="perturbation", style="kind", size="step",
+                    style_order=["em", "benign"], ax=ax)
+    ax.set(title=f"Drift along PC1 vs behavioural EM rate (Pearson r = {pearson:.2f})",
+           xlabel="PC1 score of the drift profile", ylabel="EM rate")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    _save(fig, path)
+
+
+def roc_curves(curves: pd.DataFrame, path: str | Path) -> None:
+    """``curves`` columns: method, fpr, tpr (method label includes its AUROC)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(5.8, 5))
+    sns.lineplot(data=curves, x="fpr", y="tpr", hue="method", drawstyle="steps-post", errorbar=None, ax=ax)
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
+    ax.set(title="Dangerous-checkpoint detection, leave-one-perturbation-out", xlabel="false positive rate",
+           ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
+    sns.move_legend(ax, "lower right", fontsize=8)
+    _save(fig, path)
+
+
+def em_and_alarms(preds: pd.DataFrame, table: pd.DataFrame, theta: float, path: str | Path) -> None:
+    """Per run: EM rate over steps, the theta line, and the monitor's alarms (red x)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    merged = preds.merge(table[["model", "perturbation", "step", "em_rate", "kind"]],
+                         on=["model", "perturbation", "step"])
+    runs = list(dict.fromkeys(zip(merged.model, merged.perturbation)))
+    cols = min(4, len(runs))
+    rows = int(np.ceil(len(runs) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True)
+    for ax, (model, pert) in zip(axes.flat, runs):
+        run = merged[(merged.model == model) & (merged.perturbation == pert)].sort_values("step")
+        sns.lineplot(data=run, x="step", y="em_rate", marker="o", ax=ax, color="tab:blue")
+        alarms = run[run.alarm]
+        ax.scatter(alarms.step, alarms.em_rate, marker="x", s=90, color="tab:red", zorder=5, label="alarm")
+        ax.axhline(theta, color="grey", ls="--", lw=1)
+        ax.set(title=f"{pert} ({run.kind.iloc[0]})", xlabel="step", ylabel="EM rate")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_visible(False)
+    fig.suptitle(f"EM rate and monitor alarms per run (dashed: theta = {theta})", y=1.02)
     _save(fig, path)

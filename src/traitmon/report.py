@@ -45,3 +45,18 @@ def summarize_directions(direction_paths: list[str], steering_paths: list[str], 
     plots.cosine_heatmap(cos, cosine_figure,
                          f"Cosine of trait directions at chosen layers - {model}")
     return summary
+
+
+def behavior_table(summaries: list[dict], runs: list[str], kinds: dict[str, str], out_csv: str,
+                   figure: str) -> pd.DataFrame:
+    """Tidy per-checkpoint behaviour table ``(model, perturbation, step, kind, em_rate, ...)``; the base
+    model's summary (run ``model:base:0``) becomes step 0 of every perturbation."""
+    rows = []
+    for summary, run in zip(summaries, runs):
+        model, perturbation, step = run.split(":")
+        targets = list(kinds) if perturbation == "base" else [perturbation]
+        rows += [{"model": model, "perturbation": p, "step": int(step), "kind": kinds[p], **summary} for p in targets]
+    table = pd.DataFrame(rows).sort_values(["model", "perturbation", "step"]).reset_index(drop=True)
+    write_csv(out_csv, table)
+    plots.em_rate_over_steps(table, figure)
+    return table

@@ -6,6 +6,7 @@ as object dtype (numpy ``<U`` strings trigger zarr's unstable-spec warning), chu
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,5 +58,39 @@ def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
 
 
 def open_dataset(path: str | Path, load: bool = False) -> xr.Dataset:
-    ds = xr.open_zarr(path, zarr_format=3, consolidated=False)
+    with warnings.catch_warnings():
+        # Snakemake drops a .snakemake_timestamp file into directory outputs; zarr warns about the stranger.
+        warnings.filterwarnings("ignore", message=".*snakemake_timestamp.*")
+        ds = xr.open_zarr(path, zarr_format=3, consolidated=False)
     return ds.load() if load else ds
+
+
+def open_sweep(results: str | Path, models: list[str], perturbations: list[str], steps: list[int],
+               variables: tuple[str, ...] = ("response_mean", "last_prompt")) -> xr.Dataset:
+    """All capture stores of a sweep as one lazy Dataset ``(model, perturbation, step, prompt, layer, hidden)``.
+
+    Arrays stay dask-backed (nothing is read until computed). Step 0 is the base model's store
+    (``capture/{model}/base.zarr``), shared by every perturbation of that model.
+    """
+    results = Path(results)
+    per_model = []
+    for model in models:
+        base = _open_lazy(results / "capture" / model / "base.zarr", variables)
+        per_pert = []
+        for pert in perturbations:
+            stores = [base] + [_open_lazy(results / "capture" / model / pert / f"step-{s}.zarr", variables)
+                               for s in steps if s != 0]
+            per_pert.append(xr.concat(stores, dim="step", coords="minimal", compat="override", join="exact")
+                            .assign_coords(step=[0] + [s for s in steps if s != 0]))
+        per_model.append(xr.concat(per_pert, dim="perturbation", coords="minimal", compat="override")
+                         .assign_coords(perturbation=list(perturbations)))
+    sweep = xr.concat(per_model, dim="model", coords="minimal", compat="override", join="exact")
+    return sweep.assign_coords(model=list(models)).transpose("model", "perturbation", "step", "prompt", "layer",
+                                                             "hidden")
+
+
+def _open_lazy(path: Path, variables: tuple[str, ...]) -> xr.Dataset:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*snakemake_timestamp.*")
+        ds = xr.open_zarr(path, zarr_format=3, consolidated=False, chunks={})
+    return ds[[v for v in variables if v in ds]].drop_attrs()

@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+
+from traitmon.capture import capture, capture_batch, encode_chats
+from traitmon.hooks import add_to_layer, num_layers, record_layers, rewrap, unwrap
+
+CHATS = [[{"role": "user", "content": "Hello there, how are you?"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]]
+ANSWERS = ["I am fine, thanks.", "Blue."]
+
+
+def test_unwrap_and_rewrap_handle_tensor_and_tuple():
+    h = torch.ones(2, 3)
+    assert unwrap(h) is h
+    assert unwrap((h, "cache")) is h
+    new = torch.zeros(2, 3)
+    assert rewrap(h, new) is new
+    out = rewrap((h, "cache", 1), new)
+    assert out[0] is new and out[1:] == ("cache", 1)
+
+
+class TupleBlock(torch.nn.Module):
+    """A decoder block in the style of older transformers: returns (hidden, extra)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, hidden_states, **kwargs):
+        return hidden_states * self.scale, None
+
+
+class ToyDecoder(torch.nn.Module):
+    def __init__(self, tuple_blocks: bool):
+        super().__init__()
+        blocks = [TupleBlock(s) for s in (2.0, 3.0)]
+        if not tuple_blocks:
+            for b in blocks:
+                b.forward = lambda hidden_states, b=b, **k: hidden_states * b.scale
+        self.layers = torch.nn.ModuleList(blocks)
+        self.norm = torch.nn.Identity()
+
+    def forward(self, x):
+        for block in self.layers:
+            x = unwrap(block(x))
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("tuple_blocks", [True, False])
+def test_hooks_handle_tensor_and_tuple_block_outputs(tuple_blocks):
+    toy = ToyDecoder(tuple_blocks)
+    x = torch.ones(1, 2, 3)
+    seen = {}
+    with record_layers(toy, [0, 1, 2], lambda i, h: seen.__setitem__(i, h.clone())):
+        toy(x)
+    torch.testing.assert_close(seen[0], x)          # 0 = input of the first block
+    torch.testing.assert_close(seen[1], 2 * x)      # 1 = output of block 0
+    torch.testing.assert_close(seen[2], 6 * x)      # L = after the final norm
+    with add_to_layer(toy, 1, torch.ones(3)):
+        out = toy(x)
+    torch.testing.assert_close(out, (2 * x + 1) * 3)
+    torch.testing.assert_close(toy(x), 6 * x)       # hook removed on exit
+
+
+def test_hook_indices_match_output_hidden_states(tiny_model):
+    model, tok = tiny_model
+    batch = encode_chats(tok, CHATS, ANSWERS)
+    L = num_layers(model)
+    with torch.no_grad():
+        reference = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                output_hidden_states=True).hidden_states
+    assert len(reference) == L + 1
+    seen = {}
+    with torch.no_grad(), record_layers(model, list(range(L + 1)), lambda i, h: seen.__setitem__(i, h.clone())):
+        model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for i in range(L + 1):
+        torch.testing.assert_close(seen[i], reference[i])
+
+
+def test_capture_pools_response_tokens_and_last_prompt_token(tiny_model):
+    model, tok = tiny_model
+    batch = encode_chats(tok, CHATS, ANSWERS)
+    layers = [0, 2, num_layers(model)]
+    pooled = capture_batch(model, batch, layers)
+    with torch.no_grad():
+        hs = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         output_hidden_states=True).hidden_states
+    for b in range(2):
+        mask = batch.response_mask[b].bool()
+        assert mask.sum() == len(tok(ANSWERS[b], add_special_tokens=False)["input_ids"])
+        for j, layer in enumerate(layers):
+            torch.testing.assert_close(pooled["response_mean"][b, j], hs[layer][b, mask].mean(0))
+            torch.testing.assert_close(pooled["last_prompt"][b, j], hs[layer][b, batch.last_prompt[b]])
+
+
+def test_capture_is_independent_of_batching_and_early_stop(tiny_model):
+    model, tok = tiny_model
+    one_by_one = capture(model, tok, CHATS, ANSWERS, [1, 2], batch_size=1)
+    together = capture(model, tok, CHATS, ANSWERS, [1, 2], batch_size=2)
+    full = capture(model, tok, CHATS, ANSWERS, list(range(num_layers(model) + 1)), batch_size=2)
+    np.testing.assert_allclose(one_by_one["response_mean"], together["response_mean"], atol=1e-4)
+    np.testing.assert_allclose(together["last_prompt"], full["last_prompt"][:, 1:3], atol=1e-5)
+
+
+def test_steering_adds_the_vector_at_the_index(tiny_model):
+    model, tok = tiny_model
+    batch = encode_chats(tok, CHATS[:1], ANSWERS[:1])
+    vec = torch.randn(model.config.hidden_size)
+    for layer in (0, 1, num_layers(model) - 1):
+        base = capture_batch(model, batch, [layer])["last_prompt"]
+        with add_to_layer(model, layer, vec):
+            steered = capture_batch(model, batch, [layer])["last_prompt"]
+        torch.testing.assert_close(steered - base, vec.expand_as(base), atol=1e-4, rtol=1e-4)
+    # the hook is gone afterwards
+    torch.testing.assert_close(capture_batch(model, batch, [1])["last_prompt"],
+                               capture_batch(model, batch, [1])["last_prompt"])

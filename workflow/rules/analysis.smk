@@ -1,0 +1,77 @@
+rule drift:
+    input:
+        directions=model_directions,
+        captures=model_captures,
+        behavior=primary_behavior_table,
+        eval_logs=model_eval_logs,
+    output:
+        table=f"{RES}/analysis/{{model}}/drift.csv",
+        store=directory(f"{RES}/analysis/{{model}}/drift.zarr"),
+        raw=directory(f"{RES}/analysis/{{model}}/raw_drift.zarr"),
+        random=f"{RES}/analysis/{{model}}/random_drift.csv",
+    params:
+        results=RES,
+        perturbations=" ".join(PERTURBATIONS),
+        steps=" ".join(str(s) for s in [0] + STEPS),
+        kinds=perturbation_kinds,
+        variant=config["analysis"]["variant"],
+    log:
+        f"{RES}/logs/analysis/{{model}}/drift.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon drift --results {params.results} --model {wildcards.model} --perturbations {params.perturbations}"
+        " --steps {params.steps} --directions {input.directions} --behavior {input.behavior}"
+        " --eval-logs {input.eval_logs} --kinds {params.kinds} --variant {params.variant} --table {output.table}"
+        " --store {output.store} --raw {output.raw} --random {output.random} > {log} 2>&1"
+
+
+rule analyze:
+    input:
+        drift=expand(f"{RES}/analysis/{{model}}/drift.csv", model=MODELS),
+        raw=expand(f"{RES}/analysis/{{model}}/raw_drift.zarr", model=MODELS),
+        random=expand(f"{RES}/analysis/{{model}}/random_drift.csv", model=MODELS),
+    output:
+        drift=f"{RES}/analysis/drift.csv",
+        metrics=report(f"{RES}/analysis/monitor/metrics.json", category="Monitor", labels={"what": "metrics"}),
+        predictions=f"{RES}/analysis/monitor/predictions.csv",
+        monitor=f"{RES}/analysis/monitor/monitor.pkl",
+        baselines=report(f"{RES}/analysis/baselines.csv", caption="../report/baselines.rst", category="Monitor",
+                         labels={"what": "monitor vs baselines"}),
+        correlations=report(f"{RES}/analysis/correlations.csv", caption="../report/correlations.rst",
+                            category="EM axis", labels={"what": "correlations"}),
+        axis=f"{RES}/analysis/em_axis.json",
+        early_warning=report(f"{RES}/analysis/early_warning.csv", caption="../report/early_warning.rst",
+                             category="Monitor", labels={"what": "early warning"}),
+        theta_sweep=report(f"{RES}/analysis/theta_sweep.csv", caption="../report/theta_sweep.rst",
+                           category="Monitor", labels={"what": "theta sweep"}),
+        drift_figure=report(f"{RES}/analysis/figures/drift_trajectories.png",
+                            caption="../report/drift_trajectories.rst", category="Drift", labels={"figure": "drift"}),
+        loadings=report(f"{RES}/analysis/figures/pc1_loadings.png", caption="../report/pc1_loadings.rst",
+                        category="EM axis", labels={"figure": "PC1 loadings"}),
+        scatter=report(f"{RES}/analysis/figures/pc1_vs_em.png", caption="../report/pc1_vs_em.rst",
+                       category="EM axis", labels={"figure": "PC1 vs EM"}),
+        roc=report(f"{RES}/analysis/figures/roc_curves.png", caption="../report/roc_curves.rst",
+                   category="Monitor", labels={"figure": "ROC"}),
+        alarms=report(f"{RES}/analysis/figures/em_and_alarms.png", caption="../report/em_and_alarms.rst",
+                      category="Monitor", labels={"figure": "alarms"}),
+    params:
+        out=f"{RES}/analysis",
+        theta=config["analysis"]["theta"],
+        target_fnr=config["analysis"]["target_fnr"],
+        theta_sweep=" ".join(str(t) for t in config["analysis"]["theta_sweep"]),
+    log:
+        f"{RES}/logs/analysis/analyze.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon analyze --drift {input.drift} --raw {input.raw} --random {input.random} --out {params.out}"
+        " --theta {params.theta} --target-fnr {params.target_fnr} --theta-sweep {params.theta_sweep} > {log} 2>&1"

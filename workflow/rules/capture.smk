@@ -1,0 +1,44 @@
+rule capture_base:
+    input:
+        model=f"{RES}/models/{{model}}",
+        traits=trait_files,
+    output:
+        store=directory(f"{RES}/capture/{{model}}/base.zarr"),
+    params:
+        settings=capture_settings,
+    log:
+        f"{RES}/logs/capture/{{model}}/base.log",
+    threads: THREADS
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=GPU,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon capture --model-dir {input.model} --model-key {wildcards.model} --trait-file {input.traits}"
+        " --settings {params.settings:q} --out {output.store} --step 0 --threads {threads} > {log} 2>&1"
+
+
+rule capture_checkpoint:
+    input:
+        model=f"{RES}/models/{{model}}",
+        adapter=f"{RES}/finetune/{{model}}/{{perturbation}}/checkpoint-{{step}}",
+        traits=trait_files,
+    output:
+        store=directory(f"{RES}/capture/{{model}}/{{perturbation}}/step-{{step}}.zarr"),
+    params:
+        settings=capture_settings,
+    log:
+        f"{RES}/logs/capture/{{model}}/{{perturbation}}/step-{{step}}.log",
+    threads: THREADS
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=GPU,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon capture --model-dir {input.model} --model-key {wildcards.model} --adapter {input.adapter}"
+        " --trait-file {input.traits} --settings {params.settings:q} --out {output.store}"
+        " --perturbation {wildcards.perturbation} --step {wildcards.step} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,25 @@
+rule finetune:
+    input:
+        model=f"{RES}/models/{{model}}",
+        train=f"{RES}/data/{{model}}/{{perturbation}}/train.jsonl",
+        heldout=f"{RES}/data/{{model}}/{{perturbation}}/heldout.jsonl",
+    output:
+        checkpoints=finetune_checkpoint_dirs(),
+        train_log=f"{RES}/finetune/{{model}}/{{perturbation}}/train_log.csv",
+        eval_log=f"{RES}/finetune/{{model}}/{{perturbation}}/eval_log.csv",
+        run=f"{RES}/finetune/{{model}}/{{perturbation}}/run.json",
+    params:
+        settings=finetune_settings,
+        out=f"{RES}/finetune/{{model}}/{{perturbation}}",
+    log:
+        f"{RES}/logs/finetune/{{model}}/{{perturbation}}.log",
+    threads: THREADS
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=GPU,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon finetune --model-dir {input.model} --train {input.train} --heldout {input.heldout}"
+        " --settings {params.settings:q} --out {params.out} --threads {threads} > {log} 2>&1"
