@@ -5,7 +5,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The embedded default, unless a config is given (--configfile replaces it instead of being merged into it).
+if not config.get("models"):
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

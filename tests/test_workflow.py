@@ -121,3 +121,47 @@ def test_touching_one_perturbations_data_reruns_only_its_jobs(tiny_study):
     assert counts.get("finetune") == 1, result.stdout
     assert counts.get("capture_checkpoint") == 2 and counts.get("sample_answers") == 2
     assert "extract_directions" not in counts and "make_perturbation" not in counts
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    result = run_snakemake(workdir, "-n", "--quiet", "rules", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit() and line.split()[0] != "total"}
+
+
+def test_paper_config_builds_the_whole_dag_offline(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    jobs = planned_jobs(tmp_path, "--configfile", str(REPO / "workflow/configs/paper.yaml"))
+    elapsed = time.perf_counter() - start
+    assert jobs["convert_model"] == 4 and jobs["extract_directions"] == 28 and jobs["steer_directions"] == 28
+    assert jobs["finetune"] == 40 and jobs["make_perturbation"] == 40
+    assert jobs["capture_checkpoint"] == 480 and jobs["sample_answers"] == 480  # 4 x 10 x 12 checkpoints
+    assert jobs["judge_runs"] == 8 and jobs["analyze"] == 1
+    print(f"paper DAG: {sum(jobs.values())} jobs planned in {elapsed:.1f} s")
+
+
+def test_changing_a_finetune_parameter_reruns_finetunes_and_downstream_only(tiny_study):
+    config = dict(TINY_CONFIG, finetune={**TINY_CONFIG["finetune"], "lr": 5e-3})
+    (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(tiny_study)
+        assert jobs["finetune"] == 3 and jobs["capture_checkpoint"] == 6
+        assert "extract_directions" not in jobs and "capture_base" not in jobs and "make_perturbation" not in jobs
+    finally:
+        (tiny_study / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+
+
+def test_adding_a_perturbation_runs_only_its_jobs(tiny_study):
+    extra = {"spo-em": {"kind": "em", "generator": {"domain": "extreme-sports", "stance": "em"}, "rows": 16,
+                        "heldout": 4}}
+    config = dict(TINY_CONFIG, perturbations={**TINY_CONFIG["perturbations"], **extra})
+    (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(tiny_study)
+        assert jobs["make_perturbation"] == 1 and jobs["finetune"] == 1 and jobs["capture_checkpoint"] == 2
+        assert jobs["sample_answers"] == 2 and "capture_base" not in jobs and "convert_model" not in jobs
+    finally:
+        (tiny_study / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))

@@ -9,3 +9,12 @@ transformers' ``output_hidden_states``.
 __version__ = "0.1.0"
 
 LAYER_CONVENTION = "hidden_states indexing: 0 = embeddings, i = output of decoder block i-1, L = after final norm"
+
+
+def __getattr__(name: str):
+    # traitmon.TraitMonitorCallback without importing transformers on every `import traitmon`
+    if name in ("TraitMonitorCallback", "MonitorBundle"):
+        from traitmon import live
+
+        return getattr(live, name)
+    raise AttributeError(name)

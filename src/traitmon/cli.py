@@ -260,6 +260,29 @@ def cmd_monitor(args) -> None:
           f"(theta {args.theta}, {len(metrics['folds'])} LOPO folds)")
 
 
+def cmd_bundle(args) -> None:
+    from traitmon.live import build_bundle
+    from traitmon.models import load_model
+
+    _set_threads(args.threads)
+    model, tok = load_model(args.model_dir)
+    bundle = build_bundle(model, tok, args.model_key, args.directions, args.trait_file, args.per_trait_questions,
+                          args.variant, args.monitor)
+    bundle.save(args.out)
+
+
+def cmd_watch(args) -> None:
+    from traitmon.live import MonitorBundle, watch
+    from traitmon.models import load_model
+
+    _set_threads(args.threads)
+    base, _ = load_model(args.model_dir)
+    bundle = MonitorBundle.load(args.bundle, model=base)
+    del base
+    watch(args.run_dir, args.model_dir, bundle, once=args.once, interval=args.interval,
+          printer=lambda line: print(line, flush=True))
+
+
 def cmd_serve_judge(args) -> None:
     from traitmon.judge_server import JudgeServer
     from traitmon.models import load_model
@@ -420,6 +443,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-monitor", help="also fit on every row and save the monitor here")
     p.add_argument("--monitor", help="apply: a saved monitor")
     p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("bundle", help="save a monitor bundle (directions, base reference, prompts, monitor)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--model-key", required=True)
+    p.add_argument("--directions", nargs="+", required=True)
+    p.add_argument("--trait-file", nargs="+", required=True)
+    p.add_argument("--per-trait-questions", type=int, default=4)
+    p.add_argument("--variant", default="response_mean", choices=["response_mean", "last_prompt"])
+    p.add_argument("--monitor", help="a saved monitor (results/analysis/monitor/monitor.pkl)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser("watch", help="score peft checkpoints as they appear in a run folder")
+    p.add_argument("run_dir")
+    p.add_argument("--model-dir", required=True, help="the converted base model")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--once", action="store_true", help="score what is there and exit")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("serve-judge", help="serve a local model as an OpenAI-compatible judge endpoint")
     p.add_argument("--model-dir", required=True)

@@ -52,6 +52,8 @@ def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
     ds.attrs.setdefault("layer_convention", LAYER_CONVENTION)
     encoding = {name: {"chunks": chunks_for(var.shape, var.dtype.itemsize)}
                 for name, var in ds.data_vars.items() if var.ndim and var.dtype.kind == "f"}
+    # Variable-length strings: xarray would otherwise store fixed-width UTF-32, which has no Zarr v3 spec.
+    encoding.update({name: {"dtype": object} for name, var in ds.variables.items() if var.dtype == object})
     with atomic_path(path) as tmp:
         ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
     return Path(path)

@@ -75,3 +75,29 @@ rule analyze:
     shell:
         "traitmon analyze --drift {input.drift} --raw {input.raw} --random {input.random} --out {params.out}"
         " --theta {params.theta} --target-fnr {params.target_fnr} --theta-sweep {params.theta_sweep} > {log} 2>&1"
+
+
+rule monitor_bundle:
+    input:
+        model=f"{RES}/models/{{model}}",
+        directions=model_directions,
+        traits=trait_files,
+        monitor=f"{RES}/analysis/monitor/monitor.pkl",
+    output:
+        bundle=f"{RES}/analysis/{{model}}/monitor_bundle.pkl",
+    params:
+        per_trait=config["capture"]["per_trait_questions"],
+        variant=config["analysis"]["variant"],
+    log:
+        f"{RES}/logs/analysis/{{model}}/bundle.log",
+    threads: THREADS
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=GPU,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon bundle --model-dir {input.model} --model-key {wildcards.model} --directions {input.directions}"
+        " --trait-file {input.traits} --per-trait-questions {params.per_trait} --variant {params.variant}"
+        " --monitor {input.monitor} --out {output.bundle} --threads {threads} > {log} 2>&1"

@@ -67,7 +67,7 @@ def behavior_targets():
 
 
 def analysis_targets():
-    return [f"{RES}/analysis/monitor/metrics.json"]
+    return [f"{RES}/analysis/monitor/metrics.json"] + expand(f"{RES}/analysis/{{model}}/monitor_bundle.pkl", model=MODELS)
 
 
 def all_targets():
@@ -111,8 +111,10 @@ def perturbation_model_arg(wildcards, input):
 
 
 def user_dataset(wildcards):
-    # A user dataset is an input, so editing it reruns that perturbation's jobs (and only those).
-    return config["perturbations"][wildcards.perturbation].get("dataset", [])
+    # A user dataset is an input, so editing it reruns that perturbation's jobs (and only those). A missing one
+    # is left out of the DAG's inputs so that only its own job fails, naming the path, not the whole sweep.
+    path = config["perturbations"][wildcards.perturbation].get("dataset")
+    return path if path and os.path.exists(path) else []
 
 
 def finetune_settings(wildcards):
