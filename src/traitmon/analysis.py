@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from traitmon import plots
-from traitmon.baselines import run_baselines
+from traitmon.baselines import loss_ppl_features, run_baselines
 from traitmon.drift import correlation, em_axis, pc1_scores
 from traitmon.io import write_csv, write_json
 from traitmon.monitor import candidates, early_warning, evaluate_lopo, fit_monitor, rates, roc_points, validate_table
@@ -39,7 +39,7 @@ def run_analysis(drift_csvs: list[str], raw_stores: list[str], random_csvs: list
     write_csv(out / "correlations.csv", pd.DataFrame(corr))
     write_json(out / "em_axis.json", axis)
 
-    rows = monitor_rows(table)
+    rows = monitor_rows(loss_ppl_features(table))  # deltas need step 0, so before it is dropped
     features = validate_table(rows, str(out / "drift.csv"))
     metrics, preds = evaluate_lopo(rows, features, theta, target_fnr)
     metrics["paper"] = PAPER

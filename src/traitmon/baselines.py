@@ -42,8 +42,8 @@ def run_baselines(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables
     preds = pca_baseline(table, raw, theta, target_fnr)
     all_preds["pca7"] = preds
     rows.append({"method": "pca7 (raw activation drift)", **rates(preds)})
-    feats = loss_ppl_features(table)
-    _, preds = evaluate_lopo(feats, ["heldout_loss_delta", "general_ppl_delta"], theta, target_fnr)
+    # ``table`` carries heldout_loss_delta / general_ppl_delta (``loss_ppl_features`` on the table with step 0)
+    _, preds = evaluate_lopo(table, ["heldout_loss_delta", "general_ppl_delta"], theta, target_fnr)
     all_preds["loss_ppl"] = preds
     rows.append({"method": "loss + perplexity", **rates(preds)})
     per_seed = []
