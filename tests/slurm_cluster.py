@@ -76,7 +76,8 @@ def slurm_cluster(state: Path, cpus: int | None = None, mem_mb: int = 12000):
         run_dir = Path("/run/munge")
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.chown(run_dir, "munge", "munge")
-        munge_pid = state / "munged.pid"
+        munge_pid = run_dir / "munged.pid"  # munged runs as user munge: it cannot write into root's tmp dirs
+        munge_pid.unlink(missing_ok=True)
         subprocess.run(["runuser", "-u", "munge", "--", "munged", "--force", f"--pid-file={munge_pid}"], check=True,
                        capture_output=True)
         started.append(_wait_pid(munge_pid))

@@ -44,7 +44,9 @@ def test_profile_runs_jobs_through_sbatch_and_matches_a_local_run(tmp_path):
                            "--slurm-no-account", "--slurm-status-command", "squeue",
                            "--default-resources", f"slurm_partition={partition}", "runtime=10", "mem_mb=1000",
                            "--slurm-keep-successful-logs", "--latency-wait", "5",
-                           "--slurm-init-seconds-before-status-checks", "1", "--jobs", "2")
+                           "--slurm-init-seconds-before-status-checks", "1", "--jobs", "2",
+                           # this test cluster has no GPU: replace the profile's per-rule gpu: 1
+                           "--set-resources", "extract_directions:gpu=0", "steer_directions:gpu=0")
         log = result.stdout + result.stderr
         assert result.returncode == 0, log[-4000:]
     # every job went through sbatch: the plugin reports SLURM job ids and keeps their SLURM logs

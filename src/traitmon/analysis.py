@@ -79,7 +79,8 @@ def run_analysis(drift_csvs: list[str], raw_stores: list[str], random_csvs: list
     curves = []
     for name, p in [("trait monitor", preds)] + list(baseline_preds.items()):
         r = rates(p)
-        curves.append(roc_points(p).assign(method=f"{name} (AUROC {r['auroc']:.2f})"))
+        label = "random7, seed 0" if name == "random7" else name
+        curves.append(roc_points(p).assign(method=f"{label} (AUROC {r['auroc']:.2f})"))
     plots.roc_curves(pd.concat(curves), figures / "roc_curves.png")
     plots.em_and_alarms(preds, table, theta, figures / "em_and_alarms.png")
     return {"metrics": metrics, "baselines": summary, "axis": axis, "early_warning": warning}

@@ -115,11 +115,12 @@ def roc_curves(curves: pd.DataFrame, path: str | Path) -> None:
     """``curves`` columns: method, fpr, tpr (method label includes its AUROC)."""
     sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = plt.subplots(figsize=(5.8, 5))
-    sns.lineplot(data=curves, x="fpr", y="tpr", hue="method", drawstyle="steps-post", errorbar=None, ax=ax)
+    for (method, curve), color in zip(curves.groupby("method", sort=False), sns.color_palette()):
+        ax.plot(curve.fpr, curve.tpr, drawstyle="steps-post", color=color, lw=2, label=method)
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
+    ax.legend(title="method", loc="lower right", fontsize=8)
     ax.set(title="Dangerous-checkpoint detection, leave-one-perturbation-out", xlabel="false positive rate",
            ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
-    sns.move_legend(ax, "lower right", fontsize=8)
     _save(fig, path)
 
 
