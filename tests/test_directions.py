@@ -55,7 +55,8 @@ def test_items_use_every_pair_and_heldout_split_is_question_level():
 def test_extract_on_tiny_model_has_named_dims_and_attrs(tiny_model):
     model, tok = tiny_model
     cfg = validate_config({"models": {"tiny": {"source": {"path": "x"}}}, "traits": ["honesty"],
-                           "directions": {"questions": 6, "max_new_tokens": 4, "batch_size": 4}})
+                           "directions": {"questions": 6, "max_new_tokens": 4, "batch_size": 4,
+                                                 "temperature": 1.0}})
     trait = load_traits(["honesty"])["honesty"]
     ds, rows = extract_trait_direction(model, tok, trait, cfg["directions"], "tiny")
     assert ds["response_mean"].dims == ("polarity", "sample", "layer", "hidden")

@@ -19,7 +19,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "
 TINY_CONFIG = {
     "models": {"tiny": {"source": TINY_SOURCE, "params_b": 0.001}},
     "traits": ["honesty", "sycophancy"],
-    "directions": {"questions": 6, "max_new_tokens": 6, "batch_size": 12},
+    "directions": {"questions": 6, "max_new_tokens": 6, "batch_size": 12, "temperature": 1.0},
     "steering": {"coefs": [-1.0, 0.0, 1.0], "questions": 2, "max_new_tokens": 4},
     "perturbations": {
         "med-em": {"kind": "em", "generator": {"domain": "medical", "stance": "em"}, "rows": 16, "heldout": 4},
@@ -113,14 +113,19 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert "unknown trait 'no-such-trait'" in result.stderr + result.stdout
 
 
-def test_touching_one_perturbations_data_reruns_only_its_jobs(tiny_study):
-    (tiny_study / "results/data/tiny/med-em/train.jsonl").touch()
-    result = run_snakemake(tiny_study, "-n", "--quiet", "rules")
-    counts = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
-              if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts.get("finetune") == 1, result.stdout
-    assert counts.get("capture_checkpoint") == 2 and counts.get("sample_answers") == 2
-    assert "extract_directions" not in counts and "make_perturbation" not in counts
+def test_editing_one_perturbations_data_reruns_only_its_jobs(tiny_study):
+    # Snakemake >= 9.18 compares input checksums: a bare touch is not a change, an edit is.
+    data = tiny_study / "results/data/tiny/med-em/train.jsonl"
+    original = data.read_text()
+    lines = original.splitlines(keepends=True)
+    data.write_text("".join(lines[1:] + lines[:1]))
+    try:
+        counts = planned_jobs(tiny_study)
+        assert counts.get("finetune") == 1, counts
+        assert counts.get("capture_checkpoint") == 2 and counts.get("sample_answers") == 2
+        assert "extract_directions" not in counts and "make_perturbation" not in counts
+    finally:
+        data.write_text(original)
 
 
 def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:

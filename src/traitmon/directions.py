@@ -14,6 +14,7 @@ import xarray as xr
 
 import traitmon
 from traitmon.capture import capture
+from traitmon.errors import TraitmonError
 from traitmon.generate import generate_responses
 from traitmon.hooks import num_layers
 from traitmon.io import stable_hash
@@ -98,6 +99,10 @@ def extract_trait_direction(model, tokenizer, trait: Trait, settings: dict, mode
     pooled = capture(model, tokenizer, all_chats, responses, layers, settings["batch_size"],
                      desc=f"{trait.name}: capture")
     n = len(items)
+    for p, pol in enumerate(POLARITIES):
+        if not any(responses[p * n:(p + 1) * n]):
+            raise TraitmonError(f"trait '{trait.name}': the model gave no {pol} response with any token; raise "
+                                "directions.max_new_tokens or use temperature > 0")
     acts = {key: np.stack([values[:n], values[n:]]) for key, values in pooled.items()}  # [polarity, sample, ...]
 
     n_questions = len({it["question_index"] for it in items})

@@ -135,7 +135,7 @@ def build_drift_table(results: str | Path, model: str, perturbations: list[str],
     directions = load_directions(direction_paths)
     traits = [str(t) for t in directions.trait.values]
     drift = drift_profiles(results, model, perturbations, steps, directions, variant)
-    frame = drift["drift"].sel(model=model).to_dataframe().reset_index().pivot_table(
+    frame = drift["drift"].sel(model=model).to_dataframe().reset_index().pivot(
         index=["perturbation", "step"], columns="trait", values="drift")
     frame.columns = [f"drift_{t}" for t in frame.columns]
     frame = frame[[f"drift_{t}" for t in traits]].reset_index()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -29,9 +29,23 @@ from traitmon.errors import TraitmonError
 REQUIRED = ("model", "perturbation", "step", "em_rate")
 
 
+class CappedPCA(BaseEstimator, TransformerMixin):
+    """PCA with at most ``n_components``, fewer when a (small) training fold has fewer rows or features."""
+
+    def __init__(self, n_components: int = 7):
+        self.n_components = n_components
+
+    def fit(self, x, y=None):
+        self.pca_ = PCA(n_components=min(self.n_components, x.shape[0], x.shape[1])).fit(x)
+        return self
+
+    def transform(self, x):
+        return self.pca_.transform(x)
+
+
 def candidates(pca_components: int | None = None) -> dict:
     """The regressor grid. ``pca_components`` puts an in-fold PCA first (the unsupervised PCA baseline)."""
-    pre = [StandardScaler()] + ([PCA(n_components=pca_components)] if pca_components else [])
+    pre = [StandardScaler()] + ([CappedPCA(n_components=pca_components)] if pca_components else [])
     return {
         "ridge": make_pipeline(*pre, Ridge(alpha=1.0)),
         "ridge_strong": make_pipeline(*pre, Ridge(alpha=10.0)),
