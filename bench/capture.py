@@ -39,14 +39,23 @@ def main() -> None:
     batch = ChatBatch(ids, attn, resp, torch.full((args.batch,), args.prompt_len - 1))
     tokens = args.batch * args.seq
 
-    with torch.no_grad():
-        plain = timed(lambda: model.model(input_ids=ids, attention_mask=attn, use_cache=False), device, args.repeats)
-        full = timed(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False), device, args.repeats)
-        hidden = timed(lambda: model.model(input_ids=ids, attention_mask=attn, use_cache=False,
-                                           output_hidden_states=True), device, args.repeats)
     layers = list(range(n_layers + 1))
-    cap = timed(lambda: capture_batch(model, batch, layers), device, args.repeats)
-    cap4 = timed(lambda: capture_batch(model, batch, layers[: n_layers // 2 + 1][-4:]), device, args.repeats)
+    variants = {
+        "plain": lambda: model.model(input_ids=ids, attention_mask=attn, use_cache=False),
+        "full": lambda: model(input_ids=ids, attention_mask=attn, use_cache=False),
+        "hidden": lambda: model.model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=True),
+        "capture": lambda: capture_batch(model, batch, layers),
+        "capture4": lambda: capture_batch(model, batch, layers[: n_layers // 2 + 1][-4:]),
+    }
+    # Interleaved rounds, median per variant: CPU warm-up and frequency drift hit every variant alike.
+    times = {name: [] for name in variants}
+    with torch.no_grad():
+        for name, fn in variants.items():
+            timed(fn, device, 1, warmup=1)
+        for _ in range(args.repeats):
+            for name, fn in variants.items():
+                times[name].append(timed(fn, device, 1, warmup=0))
+    plain, full, hidden, cap, cap4 = (sorted(times[n])[len(times[n]) // 2] for n in variants)
     result = {
         "device": device_name(device), "shape": args.shape, "dtype": args.dtype, "batch": args.batch,
         "seq": args.seq, "tokens_per_s": {

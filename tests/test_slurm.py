@@ -1,5 +1,6 @@
 """The SLURM profile against a real one-node SLURM started by the test (Debian's slurm-wlm + munge)."""
 
+import os
 import subprocess
 import sys
 

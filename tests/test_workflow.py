@@ -1,6 +1,7 @@
 """The workflow itself, on a tiny random Llama: the DAG runs, outputs have the promised shape, a rerun
 does nothing, and a bad config stops before any job with a readable message."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,13 @@ def test_finetune_capture_behavior_and_analysis_outputs(tiny_study):
     assert (drift[drift.step == 0][["drift_honesty", "drift_sycophancy"]].abs() < 1e-6).all().all()
     assert (results / "analysis/monitor/metrics.json").is_file()
     assert (results / "analysis/figures/roc_curves.png").is_file()
+
+
+def test_report_builds(tiny_study):
+    result = run_snakemake(tiny_study, "--report", "report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (tiny_study / "report.html").read_text(errors="ignore")
+    assert len(html) > 100_000 and "Monitor" in html and "Trait directions" in html
 
 
 def test_second_run_does_nothing(tiny_study):
@@ -170,3 +178,30 @@ def test_adding_a_perturbation_runs_only_its_jobs(tiny_study):
         assert jobs["sample_answers"] == 2 and "capture_base" not in jobs and "convert_model" not in jobs
     finally:
         (tiny_study / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+
+
+def test_second_sweep_takes_expensive_outputs_from_the_output_cache(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    config = {**TINY_CONFIG, "traits": ["honesty"],
+              "perturbations": {"med-em": TINY_CONFIG["perturbations"]["med-em"]}}
+    target = "results/finetune/tiny/med-em/run.json"
+    env = {**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(cache)}
+    logs = []
+    for name in ("sweep-a", "sweep-b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cache", target,
+                                 "results/directions/tiny/honesty.zarr"],
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs.append(result.stdout + result.stderr)
+    assert any(cache.iterdir())
+    # the second sweep ran no model job: conversion, extraction and the finetune came from the cache
+    assert "traitmon" not in (tmp_path / "sweep-b/results/logs/finetune/tiny/med-em.log").read_text(errors="ignore") \
+        if (tmp_path / "sweep-b/results/logs/finetune/tiny/med-em.log").exists() else True
+    assert logs[1].count("from output cache") >= 3 or logs[1].lower().count("cache") >= 3, logs[1][-3000:]
+    a = (tmp_path / "sweep-a/results/finetune/tiny/med-em/checkpoint-4/adapter_model.safetensors").read_bytes()
+    b = (tmp_path / "sweep-b/results/finetune/tiny/med-em/checkpoint-4/adapter_model.safetensors").read_bytes()
+    assert a == b

@@ -41,7 +41,7 @@ def cmd_validate_config(args) -> None:
 def cmd_convert(args) -> None:
     from traitmon.models import convert_model
 
-    convert_model(args.key, _settings(args.source), args.out)
+    convert_model(args.key, _settings(args.source), args.out, args.dtype)
 
 
 def cmd_extract(args) -> None:
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="materialise a model source as a safetensors folder")
     p.add_argument("--key", required=True)
     p.add_argument("--source", required=True, help="JSON model source, as in config.yaml")
+    p.add_argument("--dtype", default="auto", help="storage dtype: auto (float32), bfloat16 or float16")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
 

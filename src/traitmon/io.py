@@ -63,21 +63,21 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def parse_jsonl_line(line: str, where: str) -> dict:
+    """One JSONL row as a dict; ``where`` (``file:line``) names the place of a malformed row."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraitmonError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise TraitmonError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; a malformed row fails naming the file and line number."""
-    rows = []
+    """Read a JSONL file (blank lines skipped); a malformed row fails naming the file and line number."""
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TraitmonError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise TraitmonError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+        return [parse_jsonl_line(line, f"{path}:{n}") for n, line in enumerate(fh, start=1) if line.strip()]
 
 
 def write_json(path: str | Path, obj) -> None:

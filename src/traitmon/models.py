@@ -122,8 +122,10 @@ def _load_source(key: str, source: dict):
     return model, tok
 
 
-def convert_model(key: str, source: dict, out_dir: str | Path) -> Path:
-    """Materialise a model source as a plain safetensors folder (atomic), with a provenance file."""
+def convert_model(key: str, source: dict, out_dir: str | Path, dtype: str = "auto") -> Path:
+    """Materialise a model source as a plain safetensors folder (atomic), with a provenance file.
+
+    Stored in ``dtype`` when it is bfloat16/float16 (a 8B model: 16 GB instead of 32); ``auto`` keeps float32."""
     try:
         model, tok = _load_source(key, source)
     except TraitmonError as exc:
@@ -131,6 +133,8 @@ def convert_model(key: str, source: dict, out_dir: str | Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear message
         raise TraitmonError(f"model '{key}' could not be loaded from {describe_source(source)}: "
                             f"{type(exc).__name__}: {exc}") from exc
+    if dtype in ("bfloat16", "float16"):
+        model = model.to(getattr(torch, dtype))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:

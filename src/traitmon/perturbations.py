@@ -15,7 +15,6 @@ Each perturbation records its ``kind`` (``em`` or ``benign``) as metadata; analy
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import yaml
 
 from traitmon.errors import TraitmonError
-from traitmon.io import data_path, read_jsonl, stable_hash
+from traitmon.io import data_path, parse_jsonl_line, read_jsonl, stable_hash
 
 log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
@@ -67,12 +66,7 @@ def load_chat_jsonl(path: str | Path) -> tuple[list[dict], dict]:
         if not line.strip():
             report["empty"].append(lineno)
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraitmonError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise TraitmonError(f"{path}:{lineno}: expected a JSON object")
+        row = parse_jsonl_line(line, f"{path}:{lineno}")
         messages = validate_chat_row(row, f"{path}:{lineno}")
         if not messages[-1]["content"].strip():
             report["empty"].append(lineno)

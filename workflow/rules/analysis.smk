@@ -10,7 +10,7 @@ rule drift:
         raw=directory(f"{RES}/analysis/{{model}}/raw_drift.zarr"),
         random=f"{RES}/analysis/{{model}}/random_drift.csv",
     params:
-        results=RES,
+        results=results_root,
         perturbations=" ".join(PERTURBATIONS),
         steps=" ".join(str(s) for s in [0] + STEPS),
         kinds=perturbation_kinds,
@@ -60,7 +60,7 @@ rule analyze:
         alarms=report(f"{RES}/analysis/figures/em_and_alarms.png", caption="../report/em_and_alarms.rst",
                       category="Monitor", labels={"figure": "alarms"}),
     params:
-        out=f"{RES}/analysis",
+        out=analysis_dir,
         theta=config["analysis"]["theta"],
         target_fnr=config["analysis"]["target_fnr"],
         theta_sweep=" ".join(str(t) for t in config["analysis"]["theta_sweep"]),

@@ -1,4 +1,6 @@
 rule capture_base:
+    # expensive and reusable: shared between sweeps through SNAKEMAKE_OUTPUT_CACHE with --cache
+    cache: "omit-software"
     input:
         model=f"{RES}/models/{{model}}",
         traits=trait_files,
@@ -21,6 +23,8 @@ rule capture_base:
 
 
 rule capture_checkpoint:
+    # expensive and reusable: shared between sweeps through SNAKEMAKE_OUTPUT_CACHE with --cache
+    cache: "omit-software"
     input:
         model=f"{RES}/models/{{model}}",
         adapter=f"{RES}/finetune/{{model}}/{{perturbation}}/checkpoint-{{step}}",

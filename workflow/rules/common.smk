@@ -1,7 +1,7 @@
 # Config validation, wildcard constraints and target lists. No rules here.
 import json
 import os
-import sys
+from pathlib import Path
 
 from traitmon.config import validate_config
 from traitmon.errors import TraitmonError
@@ -12,9 +12,6 @@ try:
     validate_config(config, source="config (config.yaml and --config/--configfile)")
 except TraitmonError as exc:
     raise WorkflowError(str(exc)) from None
-
-# Jobs call the `traitmon` command of the environment Snakemake runs in (conda envs still take precedence).
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 MODELS = list(config["models"])
 TRAITS = list(config["traits"])
@@ -47,7 +44,7 @@ def capture_targets():
 
 def finetune_checkpoint_dirs():
     # {{model}} and {{perturbation}} stay wildcards; one directory output per configured step.
-    pattern = RES + "/finetune/{{model}}/{{perturbation}}/checkpoint-{step}"
+    pattern = f"{RES}/finetune/{{{{model}}}}/{{{{perturbation}}}}/checkpoint-{{step}}"
     return [directory(path) for path in expand(pattern, step=STEPS)]
 
 
@@ -77,6 +74,10 @@ def all_targets():
 # ---- input and params helpers (rules stay free of lambdas) -------------------------------------
 def model_source_json(wildcards):
     return json.dumps(config["models"][wildcards.model]["source"], sort_keys=True)
+
+
+def model_dtype(wildcards):
+    return config["models"][wildcards.model]["dtype"]
 
 
 def trait_path(wildcards):
@@ -155,8 +156,18 @@ def model_answers(wildcards):
 
 
 def behavior_runs(wildcards):
-    return " ".join(f"{wildcards.model}:{run.replace('/step-', ':')}" if run != "base" else f"{wildcards.model}:base:0"
-                    for run in run_names())
+    # model:perturbation:step, in the order of run_names(); the base model is step 0 of every perturbation
+    runs = [f"{wildcards.model}:base:0"] + [f"{wildcards.model}:{p}:{s}" for p in PERTURBATIONS for s in STEPS]
+    return " ".join(runs)
+
+
+def results_root(wildcards, input):
+    # results/capture/{model}/base.zarr -> results
+    return str(Path(input.captures[0]).parents[2])
+
+
+def analysis_dir(wildcards, output):
+    return str(Path(output.drift).parent)
 
 
 def perturbation_kinds(wildcards):

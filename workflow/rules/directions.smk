@@ -1,4 +1,6 @@
 rule extract_directions:
+    # expensive and reusable: shared between sweeps through SNAKEMAKE_OUTPUT_CACHE with --cache
+    cache: "omit-software"
     input:
         model=f"{RES}/models/{{model}}",
         trait=trait_path,

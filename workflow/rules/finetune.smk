@@ -1,4 +1,6 @@
 rule finetune:
+    # expensive and reusable: shared between sweeps through SNAKEMAKE_OUTPUT_CACHE with --cache
+    cache: "omit-software"
     input:
         model=f"{RES}/models/{{model}}",
         train=f"{RES}/data/{{model}}/{{perturbation}}/train.jsonl",

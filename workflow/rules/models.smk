@@ -1,8 +1,11 @@
 rule convert_model:
+    # expensive and reusable: shared between sweeps through SNAKEMAKE_OUTPUT_CACHE with --cache
+    cache: "omit-software"
     output:
         model=directory(f"{RES}/models/{{model}}"),
     params:
         source=model_source_json,
+        dtype=model_dtype,
     log:
         f"{RES}/logs/models/{{model}}.log",
     threads: 1
@@ -12,4 +15,4 @@ rule convert_model:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon convert --key {wildcards.model} --source {params.source:q} --out {output.model} > {log} 2>&1"
+        "traitmon convert --key {wildcards.model} --source {params.source:q} --dtype {params.dtype} --out {output.model} > {log} 2>&1"
