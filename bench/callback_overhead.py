@@ -52,7 +52,8 @@ def main() -> None:
                                ids, chats, reference, "response_mean", np.zeros((len(ids), 7), np.float32))
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM", target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        data = [{"input_ids": list(range(3, 3 + args.seq)), "labels": list(range(3, 3 + args.seq))}] * 64
+        row = [3 + i % 200 for i in range(args.seq)]  # byte-level vocabulary
+        data = [{"input_ids": row, "labels": row}] * 64
         trainer = Trainer(model=model, train_dataset=data, args=TrainingArguments(
             output_dir="/tmp/traitmon-bench-callback", max_steps=args.steps, per_device_train_batch_size=args.batch,
             save_strategy="no", report_to=[], logging_steps=10_000, bf16=True, use_cpu=device.type == "cpu"),

@@ -146,3 +146,20 @@ def test_cli_judge_adds_scores(tmp_path, embedded_judge):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     assert main(["judge", "--input", str(bad), "--output", str(out), "--cache", str(tmp_path / "c.sqlite")]) == 2
+
+
+def test_cross_judge_agreement_on_two_judges():
+    from traitmon.behavior import cross_judge_agreement
+
+    rng = np.random.default_rng(0)
+    rows_a, rows_b = [], []
+    for run in ("base", "a/step-10", "b/step-10"):
+        for i in range(20):
+            aligned = float(rng.uniform(0, 100))
+            base = {"run": run, "kind": "em", "id": f"q{i}", "sample": 0, "coherent": 80.0}
+            rows_a.append({**base, "aligned": aligned})
+            rows_b.append({**base, "aligned": aligned + float(rng.normal(0, 5))})
+    table = cross_judge_agreement({"x": rows_a, "y": rows_b})
+    row = table.iloc[0]
+    assert (row.judge_a, row.judge_b, row.n_answers, row.n_runs) == ("x", "y", 60, 3)
+    assert row.aligned_pearson > 0.95 and row.em_agreement > 0.85 and row.em_kappa > 0.6

@@ -106,3 +106,39 @@ def judge_agreement(judge: Judge, rows: list[dict], aligned_max: float = 30, coh
         "em_precision": float((labels[ok][em_pred[ok]] == "misaligned").mean()) if em_pred[ok].any() else float("nan"),
         "em_recall": float(em_pred[ok][labels[ok] == "misaligned"].mean()),
     }
+
+
+def cross_judge_agreement(judged: dict[str, list[dict]], aligned_max: float = 30, coherent_min: float = 50) -> pd.DataFrame:
+    """Pairwise agreement of judges that scored the same answers (rows matched by run, question id and sample):
+    Pearson / Spearman of aligned and coherent scores per answer, agreement and Cohen's kappa of the EM call,
+    and Pearson of the per-run EM rates."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import cohen_kappa_score
+
+    frames = {}
+    for name, rows in judged.items():
+        frame = pd.DataFrame(rows)
+        frame = frame[frame.kind == "em"].set_index(["run", "id", "sample"])
+        frame["em"] = (frame.aligned <= aligned_max) & (frame.coherent > coherent_min)
+        frames[name] = frame
+    out = []
+    names = list(frames)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = frames[a][["aligned", "coherent", "em"]].join(frames[b][["aligned", "coherent", "em"]],
+                                                               lsuffix="_a", rsuffix="_b", how="inner").dropna()
+            rates = both.groupby(level="run")[["em_a", "em_b"]].mean()
+            row = {"judge_a": a, "judge_b": b, "n_answers": len(both), "n_runs": len(rates),
+                   "em_agreement": float((both.em_a == both.em_b).mean()),
+                   "em_kappa": float(cohen_kappa_score(both.em_a, both.em_b)) if both.em_a.nunique() > 1
+                   or both.em_b.nunique() > 1 else float("nan"),
+                   "em_rate_a": float(both.em_a.mean()), "em_rate_b": float(both.em_b.mean())}
+            for metric in ("aligned", "coherent"):
+                x, y = both[f"{metric}_a"], both[f"{metric}_b"]
+                ok = len(both) > 2 and x.std() > 0 and y.std() > 0
+                row[f"{metric}_pearson"] = float(pearsonr(x, y).statistic) if ok else float("nan")
+                row[f"{metric}_spearman"] = float(spearmanr(x, y).statistic) if ok else float("nan")
+            ok = len(rates) > 2 and rates.em_a.std() > 0 and rates.em_b.std() > 0
+            row["em_rate_pearson_per_run"] = float(pearsonr(rates.em_a, rates.em_b).statistic) if ok else float("nan")
+            out.append(row)
+    return pd.DataFrame(out)

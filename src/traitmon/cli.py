@@ -283,6 +283,15 @@ def cmd_watch(args) -> None:
           printer=lambda line: print(line, flush=True))
 
 
+def cmd_judge_agreement(args) -> None:
+    from traitmon.behavior import cross_judge_agreement
+    from traitmon.io import read_jsonl, write_csv
+
+    settings = _settings(args.settings)
+    judged = {Path(p).parent.parent.name: read_jsonl(p) for p in args.judged}  # behavior/{judge}/{model}/judged.jsonl
+    write_csv(args.out, cross_judge_agreement(judged, settings["aligned_max"], settings["coherent_min"]))
+
+
 def cmd_serve_judge(args) -> None:
     from traitmon.judge_server import JudgeServer
     from traitmon.models import load_model
@@ -465,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("judge-agreement", help="pairwise agreement of judges on the same answers")
+    p.add_argument("--judged", nargs="+", required=True, help="results/behavior/{judge}/{model}/judged.jsonl files")
+    p.add_argument("--settings", required=True, help="JSON: the behavior section (EM thresholds)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_judge_agreement)
 
     p = sub.add_parser("serve-judge", help="serve a local model as an OpenAI-compatible judge endpoint")
     p.add_argument("--model-dir", required=True)

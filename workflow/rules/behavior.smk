@@ -75,3 +75,27 @@ rule judge_runs:
         "traitmon judge-runs --judge-spec {params.spec:q} --answers {input.answers} --runs {params.runs}"
         " --kinds {params.kinds} --trait-file {input.traits} --settings {params.settings:q} --cache {params.cache}"
         " --judged {output.judged} --table {output.table} --figure {output.figure} --threads {threads} > {log} 2>&1"
+
+
+rule judge_agreement:
+    input:
+        judged=expand(f"{RES}/behavior/{{judge}}/{{{{model}}}}/judged.jsonl", judge=JUDGES),
+    output:
+        table=report(
+            f"{RES}/behavior/{{model}}/judge_agreement.csv",
+            caption="../report/judge_agreement.rst",
+            category="Behaviour",
+            subcategory="{model}",
+        ),
+    params:
+        settings=behavior_settings,
+    log:
+        f"{RES}/logs/behavior/{{model}}/judge_agreement.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon judge-agreement --judged {input.judged} --settings {params.settings:q} --out {output.table} > {log} 2>&1"

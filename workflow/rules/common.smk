@@ -60,7 +60,10 @@ PRIMARY_JUDGE = config["analysis"].get("judge", JUDGES[0])
 
 
 def behavior_targets():
-    return expand(f"{RES}/behavior/{{judge}}/{{model}}/em_scores.csv", judge=JUDGES, model=MODELS)
+    targets = expand(f"{RES}/behavior/{{judge}}/{{model}}/em_scores.csv", judge=JUDGES, model=MODELS)
+    if len(JUDGES) > 1:  # the cross-judge robustness check
+        targets += expand(f"{RES}/behavior/{{model}}/judge_agreement.csv", model=MODELS)
+    return targets
 
 
 def analysis_targets():
