@@ -192,16 +192,19 @@ def test_second_sweep_takes_expensive_outputs_from_the_output_cache(tmp_path):
         workdir = tmp_path / name
         workdir.mkdir()
         (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-        result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cache", target,
-                                 "results/directions/tiny/honesty.zarr"],
+        result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), target,
+                                 "results/directions/tiny/honesty.zarr", "--cache"],  # --cache: every eligible rule
                                 capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         logs.append(result.stdout + result.stderr)
     assert any(cache.iterdir())
+    assert "Moving output file results/finetune/tiny/med-em/run.json to cache" in logs[0]
     # the second sweep ran no model job: conversion, extraction and the finetune came from the cache
-    assert "traitmon" not in (tmp_path / "sweep-b/results/logs/finetune/tiny/med-em.log").read_text(errors="ignore") \
-        if (tmp_path / "sweep-b/results/logs/finetune/tiny/med-em.log").exists() else True
-    assert logs[1].count("from output cache") >= 3 or logs[1].lower().count("cache") >= 3, logs[1][-3000:]
+    for output in ("results/models/tiny/", "results/directions/tiny/honesty.zarr/",
+                   "results/finetune/tiny/med-em/checkpoint-4/", "results/finetune/tiny/med-em/run.json"):
+        assert f"Symlinking output file {output}" in logs[1], output  # directories: one line per file
+    log_b = tmp_path / "sweep-b/results/logs/finetune/tiny/med-em.log"
+    assert not log_b.exists() or "finetune med-em" not in log_b.read_text(errors="ignore")  # no training ran
     a = (tmp_path / "sweep-a/results/finetune/tiny/med-em/checkpoint-4/adapter_model.safetensors").read_bytes()
     b = (tmp_path / "sweep-b/results/finetune/tiny/med-em/checkpoint-4/adapter_model.safetensors").read_bytes()
     assert a == b

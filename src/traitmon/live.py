@@ -95,7 +95,7 @@ def model_fingerprint(model) -> str:
     config = find_decoder(model).config
     emb = model.get_input_embeddings().weight
     return stable_hash({"type": config.model_type, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
-                        "vocab": config.vocab_size, "emb": round(float(emb[:64].double().sum()), 3)})
+                        "vocab": config.vocab_size, "emb": round(float(emb[:64].detach().double().sum()), 3)})
 
 
 def build_bundle(model, tokenizer, model_key: str, direction_paths: list[str],

@@ -43,9 +43,10 @@ def capture_targets():
 
 
 def finetune_checkpoint_dirs():
-    # {{model}} and {{perturbation}} stay wildcards; one directory output per configured step.
-    pattern = f"{RES}/finetune/{{{{model}}}}/{{{{perturbation}}}}/checkpoint-{{step}}"
-    return [directory(path) for path in expand(pattern, step=STEPS)]
+    # One named directory output per configured step (the between-workflow cache needs every output named);
+    # {model} and {perturbation} stay wildcards.
+    return {f"checkpoint_{step}": directory(f"{RES}/finetune/{{model}}/{{perturbation}}/checkpoint-{step}")
+            for step in STEPS}
 
 
 JUDGES = list(config["judges"])

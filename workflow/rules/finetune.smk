@@ -6,7 +6,7 @@ rule finetune:
         train=f"{RES}/data/{{model}}/{{perturbation}}/train.jsonl",
         heldout=f"{RES}/data/{{model}}/{{perturbation}}/heldout.jsonl",
     output:
-        checkpoints=finetune_checkpoint_dirs(),
+        **finetune_checkpoint_dirs(),  # checkpoint_10=..., one named directory per configured step
         train_log=f"{RES}/finetune/{{model}}/{{perturbation}}/train_log.csv",
         eval_log=f"{RES}/finetune/{{model}}/{{perturbation}}/eval_log.csv",
         run=f"{RES}/finetune/{{model}}/{{perturbation}}/run.json",
