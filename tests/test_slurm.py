@@ -19,7 +19,7 @@ reason = missing_reason()
 CONFIG = {
     "models": {"tiny": {"source": TINY_SOURCE, "params_b": 0.001}},
     "traits": ["honesty"],
-    "directions": {"questions": 6, "max_new_tokens": 6, "batch_size": 12},
+    "directions": {"questions": 6, "max_new_tokens": 6, "batch_size": 12, "temperature": 1.0},  # seeded
     "steering": {"coefs": [-1.0, 0.0, 1.0], "questions": 2, "max_new_tokens": 4},
     "resources": {"threads": 1, "mem_mb_base": 1000, "mem_mb_per_b_params": 0, "runtime_base": 10},
 }
