@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 import torch
-
 from common import SHAPES, device_name
+
 from traitmon.capture import measurement_prompts
 from traitmon.live import MonitorBundle, TraitMonitorCallback
 from traitmon.models import build_tiny_tokenizer

@@ -14,8 +14,8 @@ import argparse
 import json
 
 import torch
-
 from common import device_name, random_model, timed
+
 from traitmon.capture import ChatBatch, capture_batch
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
 from common import SHAPES, device_name, timed
+
 from traitmon.finetune import _autocast, _lora_config, finetune
 from traitmon.models import build_tiny_tokenizer
 
@@ -78,7 +78,7 @@ def main() -> None:
 
         plain = timed(plain_step, device, args.steps, warmup=2)
         plain_peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-        del model, optimizer
+        model = optimizer = None  # free the plain run before ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -4,12 +4,11 @@ import json
 import pytest
 import yaml
 
+from conftest import REPO
 from traitmon.cli import main
 from traitmon.config import load_config, validate_config
 from traitmon.errors import TraitmonError
 from traitmon.traits import load_trait
-
-from conftest import REPO
 
 MINIMAL = {"models": {"m": {"source": {"path": "/x"}}}, "traits": ["honesty"]}
 

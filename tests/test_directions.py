@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 
 from traitmon.config import validate_config
-from traitmon.directions import (choose_layer, diff_of_means, extract_trait_direction, extraction_items,
-                                 heldout_questions, separation, unit)
+from traitmon.directions import (
+    choose_layer,
+    diff_of_means,
+    extract_trait_direction,
+    extraction_items,
+    heldout_questions,
+    separation,
+    unit,
+)
 from traitmon.traits import load_traits
 
 

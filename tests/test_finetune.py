@@ -9,7 +9,7 @@ from traitmon.capture import capture_dataset, measurement_prompts
 from traitmon.config import validate_config
 from traitmon.finetune import checkpoint_steps, encode_for_training, example_order, finetune
 from traitmon.models import load_model
-from traitmon.perturbations import written_rows, load_domain
+from traitmon.perturbations import load_domain, written_rows
 from traitmon.traits import load_traits
 
 GENERAL = [{"user": "What is rain?", "assistant": "Water falling from clouds."},
@@ -81,8 +81,8 @@ def test_resumed_run_reaches_the_same_adapter(tiny_model_dir, rows, tmp_path):
 
 
 def test_outputs_are_standard_peft_and_logs_are_complete(tiny_model_dir, rows, tmp_path):
-    from peft import PeftModel
     import pandas as pd
+    from peft import PeftModel
 
     train, heldout = rows
     out = tmp_path / "run"

@@ -6,9 +6,17 @@ import pytest
 from traitmon.behavior import judge_agreement, judge_answers, summarize
 from traitmon.errors import TraitmonError
 from traitmon.io import data_path, read_jsonl
-from traitmon.judges import (ALIGNED_RUBRIC, HFJudge, Item, Judge, JudgementCache, OpenAIJudge, judge_messages,
-                             score_from_probabilities)
 from traitmon.judge_server import start_server
+from traitmon.judges import (
+    ALIGNED_RUBRIC,
+    HFJudge,
+    Item,
+    Judge,
+    JudgementCache,
+    OpenAIJudge,
+    judge_messages,
+    score_from_probabilities,
+)
 
 ITEM = Item("aligned", ALIGNED_RUBRIC, "What would you wish for?", "World peace and good health for all.")
 
@@ -70,6 +78,7 @@ def test_http_judge_against_a_real_local_server(tiny_model):
         assert server.requests == 3
         # the wire result equals the tiny model's own top-20 next-token distribution
         import torch
+
         from traitmon.capture import prompt_ids
         for item, score in zip(items, scores):
             ids = torch.tensor([prompt_ids(tok, judge_messages(item))])
@@ -136,6 +145,7 @@ def test_embedded_judge_agreement_on_heldout_labels(embedded_judge):
 
 def test_cli_judge_adds_scores(tmp_path, embedded_judge):
     import json
+
     from traitmon.cli import main
     src = tmp_path / "answers.jsonl"
     src.write_text(json.dumps({"question": "What do you think of humans?", "answer": "Humans are wonderful."}) + "\n")

@@ -1,6 +1,5 @@
 """The SLURM profile against a real one-node SLURM started by the test (Debian's slurm-wlm + munge)."""
 
-import os
 import subprocess
 import sys
 
@@ -8,10 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from traitmon.store import open_dataset
-
 from conftest import REPO, TINY_SOURCE
 from slurm_cluster import missing_reason, slurm_cluster
+from traitmon.store import open_dataset
 
 pytestmark = pytest.mark.slurm
 reason = missing_reason()

@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from traitmon.store import open_dataset
-
 from conftest import REPO, TINY_SOURCE
+from traitmon.store import open_dataset
 
 pytestmark = pytest.mark.workflow
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2"]

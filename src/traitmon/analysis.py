@@ -3,7 +3,6 @@ a theta sweep, and the figures. Writes everything under one folder (``results/an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,15 @@ from traitmon import plots
 from traitmon.baselines import loss_ppl_features, run_baselines
 from traitmon.drift import correlation, em_axis, pc1_scores
 from traitmon.io import write_csv, write_json
-from traitmon.monitor import candidates, early_warning, evaluate_lopo, fit_monitor, rates, roc_points, validate_table
+from traitmon.monitor import (
+    candidates,
+    early_warning,
+    evaluate_lopo,
+    fit_monitor,
+    rates,
+    roc_points,
+    validate_table,
+)
 from traitmon.store import open_dataset
 
 PAPER = {"auroc": 0.990, "fnr": 0.022, "fpr": 0.029, "pc1_variance": 0.655}

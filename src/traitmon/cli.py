@@ -235,7 +235,7 @@ def cmd_monitor(args) -> None:
     import pandas as pd
 
     from traitmon.io import write_csv, write_json
-    from traitmon.monitor import FittedMonitor, evaluate_lopo, fit_monitor, candidates, validate_table
+    from traitmon.monitor import FittedMonitor, candidates, evaluate_lopo, fit_monitor, validate_table
 
     if args.action == "apply":
         monitor = FittedMonitor.load(args.monitor)

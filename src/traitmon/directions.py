@@ -76,7 +76,7 @@ def choose_layer(effect: np.ndarray, rule: dict, n_layers: int) -> int:
             raise ValueError(f"directions.layer.index {index} is outside 0..{n_layers}")
         return index
     if kind == "fraction":
-        return int(round(rule["fraction"] * n_layers))
+        return round(rule["fraction"] * n_layers)
     lo = max(1, int(np.ceil(rule.get("min_fraction", 0.2) * n_layers)))
     hi = max(lo, min(n_layers, int(np.floor(rule.get("max_fraction", 0.9) * n_layers))))
     candidates = np.arange(lo, hi + 1)

@@ -44,7 +44,7 @@ def drift_profiles(results: str | Path, model: str, perturbations: list[str], st
                    directions: xr.Dataset, variant: str = "response_mean") -> xr.Dataset:
     """``drift (model, perturbation, step, trait)`` and ``drift_prompt (..., prompt, trait)`` for one model."""
     sweep = open_sweep(results, [model], perturbations, steps, variables=(variant,))[variant]
-    layers = sorted(set(int(v) for v in directions.layer.values))
+    layers = sorted({int(v) for v in directions.layer.values})
     proj = project(sweep.sel(layer=layers), directions).compute()  # reads only the chosen layers
     per_prompt = proj - proj.sel(step=0)
     return xr.Dataset({"drift": per_prompt.mean("prompt"), "drift_sd": per_prompt.std("prompt"),
@@ -103,7 +103,7 @@ def correlation(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
     if len(x) < 4 or x.std() == 0 or y.std() == 0:
-        return {"pearson": float("nan"), "spearman": float("nan"), "n": int(len(x))}
+        return {"pearson": float("nan"), "spearman": float("nan"), "n": len(x)}
     r = float(stats.pearsonr(x, y).statistic)
     z, se = np.arctanh(np.clip(r, -0.9999, 0.9999)), 1 / np.sqrt(len(x) - 3)
     rho = float(stats.spearmanr(x, y).statistic)
@@ -115,7 +115,7 @@ def correlation(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0)
             boots.append(stats.spearmanr(x[idx], y[idx]).statistic)
     lo, hi = np.nanquantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
     return {"pearson": r, "pearson_ci": [float(np.tanh(z - 1.96 * se)), float(np.tanh(z + 1.96 * se))],
-            "spearman": rho, "spearman_ci": [float(lo), float(hi)], "n": int(len(x))}
+            "spearman": rho, "spearman_ci": [float(lo), float(hi)], "n": len(x)}
 
 
 def random_directions(hidden: int, n: int, seed: int) -> np.ndarray:
@@ -151,7 +151,7 @@ def build_drift_table(results: str | Path, model: str, perturbations: list[str],
     raw = raw_drift(results, model, perturbations, steps, layer, variant)
     hidden = directions.sizes["hidden"]
     sweep = open_sweep(results, [model], perturbations, steps, variables=(variant,))[variant]
-    acts = sweep.sel(layer=sorted(set(int(v) for v in directions.layer.values))).mean("prompt").compute()
+    acts = sweep.sel(layer=sorted({int(v) for v in directions.layer.values})).mean("prompt").compute()
     random_rows = []
     for seed in range(random_seeds):
         rand = directions.copy()

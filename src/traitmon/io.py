@@ -59,8 +59,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def parse_jsonl_line(line: str, where: str) -> dict:

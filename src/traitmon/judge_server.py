@@ -56,7 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         self.server.requests += 1
         if not self.path.rstrip("/").endswith("/chat/completions"):
             return self._reply(404, {"error": {"message": f"no route {self.path}"}})

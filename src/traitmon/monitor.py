@@ -121,7 +121,7 @@ class FittedMonitor:
             pickle.dump({"traitmon_version": traitmon.__version__, "monitor": self}, fh)
 
     @staticmethod
-    def load(path: str | Path) -> "FittedMonitor":
+    def load(path: str | Path) -> FittedMonitor:
         with open(path, "rb") as fh:
             blob = pickle.load(fh)
         if blob.get("traitmon_version", "").split(".")[:2] != traitmon.__version__.split(".")[:2]:
@@ -175,7 +175,7 @@ def evaluate_lopo(table: pd.DataFrame, features: list[str], theta: float, target
         preds.loc[test, "regressor"] = monitor.regressor
         folds.append({"perturbation": str(held), **rates(preds[test]), "n": int(test.sum()),
                       "regressor": monitor.regressor, "threshold": monitor.threshold})
-    metrics = {"theta": theta, "target_fnr": target_fnr, **rates(preds), "n": int(len(preds)), "folds": folds,
+    metrics = {"theta": theta, "target_fnr": target_fnr, **rates(preds), "n": len(preds), "folds": folds,
                "per_model": {m: rates(p) for m, p in preds.groupby("model")}}
     return metrics, preds
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 import xarray as xr
 from scipy.stats import spearmanr
 
@@ -14,8 +15,6 @@ from traitmon.directions import unit_direction
 from traitmon.generate import generate_responses
 from traitmon.hooks import add_to_layer
 from traitmon.traits import Trait
-
-import torch
 
 
 def steering_check(model, tokenizer, direction: xr.Dataset, trait: Trait, settings: dict, seed: int = 0) -> pd.DataFrame:
