@@ -102,12 +102,11 @@ def test_changing_one_trait_reruns_only_that_trait(tiny_study, tmp_path):
     config = dict(TINY_CONFIG, trait_dirs=[str(trait_dir)])
     (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
     try:
-        result = run_snakemake(tiny_study, "-n", "--quiet", "rules")
-        planned = result.stdout
-        assert "extract_directions" in planned and "summarize_directions" in planned
-        assert "convert_model" not in planned
-        # honesty is untouched: only sycophancy's extraction (1 job) is planned
-        assert any(line.split()[:2] == ["extract_directions", "1"] for line in planned.splitlines()), planned
+        jobs = planned_jobs(tiny_study)
+        # honesty is untouched: only sycophancy's extraction and steering, then what reads all traits
+        assert jobs["extract_directions"] == 1 and jobs["steer_directions"] == 1, jobs
+        assert jobs["summarize_directions"] == 1
+        assert "convert_model" not in jobs and "finetune" not in jobs
     finally:
         (tiny_study / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
 
