@@ -59,11 +59,12 @@ def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
     return Path(path)
 
 
-def open_dataset(path: str | Path, load: bool = False) -> xr.Dataset:
+def open_dataset(path: str | Path, load: bool = False, **kwargs) -> xr.Dataset:
+    """Open a store written by ``write_dataset``; ``kwargs`` go to ``xr.open_zarr`` (e.g. ``chunks={}``)."""
     with warnings.catch_warnings():
         # Snakemake drops a .snakemake_timestamp file into directory outputs; zarr warns about the stranger.
         warnings.filterwarnings("ignore", message=".*snakemake_timestamp.*")
-        ds = xr.open_zarr(path, zarr_format=3, consolidated=False)
+        ds = xr.open_zarr(path, zarr_format=3, consolidated=False, **kwargs)
     return ds.load() if load else ds
 
 
@@ -92,7 +93,5 @@ def open_sweep(results: str | Path, models: list[str], perturbations: list[str],
 
 
 def _open_lazy(path: Path, variables: tuple[str, ...]) -> xr.Dataset:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*snakemake_timestamp.*")
-        ds = xr.open_zarr(path, zarr_format=3, consolidated=False, chunks={})
+    ds = open_dataset(path, chunks={})
     return ds[[v for v in variables if v in ds]].drop_attrs()
