@@ -163,10 +163,11 @@ def test_cross_judge_agreement_on_two_judges():
 
     rng = np.random.default_rng(0)
     rows_a, rows_b = [], []
-    for run in ("base", "a/step-10", "b/step-10"):
+    for perturbation, step in (("base", 0), ("a", 10), ("b", 10)):
         for i in range(20):
             aligned = float(rng.uniform(0, 100))
-            base = {"run": run, "kind": "em", "id": f"q{i}", "sample": 0, "coherent": 80.0}
+            base = {"model": "m", "perturbation": perturbation, "step": step, "kind": "em", "id": f"q{i}",
+                    "sample": 0, "coherent": 80.0}
             rows_a.append({**base, "aligned": aligned})
             rows_b.append({**base, "aligned": aligned + float(rng.normal(0, 5))})
     table = cross_judge_agreement({"x": rows_a, "y": rows_b})
