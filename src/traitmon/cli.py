@@ -212,7 +212,7 @@ def cmd_judge_runs(args) -> None:
     summaries = [{"judge": judge.identity, **summarize(rows, settings["aligned_max"], settings["coherent_min"])}
                  for rows in by_run.values()]
     write_jsonl(args.judged, judged_all)
-    kinds = dict(item.split(":", 1) for item in args.kinds)
+    kinds = _settings(args.kinds)
     # behavior_table (report.py) still takes run labels; they are built here from the rows, never parsed from paths
     behavior_table(summaries, [f"{m}:{p}:{s}" for m, p, s in by_run], kinds, args.table, args.figure)
 
@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-name", required=True, help="the judge's name in the config; written into every row")
     p.add_argument("--answers", nargs="+", required=True,
                    help="answers JSONL files; every row carries its run (model, perturbation, step)")
-    p.add_argument("--kinds", nargs="+", required=True, help="perturbation:kind (em or benign)")
+    p.add_argument("--kinds", required=True, help='JSON {"perturbation": "em" or "benign"}')
     p.add_argument("--trait-file", nargs="+", required=True)
     p.add_argument("--settings", required=True, help="JSON: the behavior section")
     p.add_argument("--cache", required=True, help="judgement cache folder")

@@ -61,7 +61,7 @@ rule judge_runs:
     params:
         spec=judge_spec,
         settings=behavior_settings,
-        kinds=perturbation_kinds,
+        kinds=lambda wildcards: json.dumps({p: spec["kind"] for p, spec in config["perturbations"].items()}),
         # a folder of per-job append-only shards: safe on network storage (see JudgementCache)
         cache=f"{RES}/cache/judgements",
     log:
