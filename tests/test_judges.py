@@ -418,7 +418,8 @@ def test_two_concurrent_judge_jobs_share_one_cache(tmp_path):
     time.sleep(1.0)
     go.touch()
     made = [int(job.communicate(timeout=300)[0]) for job in jobs]
-    assert made == [300, 300]
+    # each job judges what it does not find cached; a job that starts late may find part of the overlap
+    assert all(200 <= m <= 300 for m in made) and sum(made) >= 500
     shards = sorted(cache.glob("*.jsonl"))
     assert len(shards) == 2
     for shard in shards:  # every line whole and valid
@@ -440,6 +441,21 @@ def test_two_concurrent_judge_jobs_share_one_cache(tmp_path):
     with open(shards[0], "a") as fh:
         fh.write('{"key": "abc", "sco')
     assert JudgementCache(cache).score(Never(), items)[0] == first
+
+
+def test_an_open_cache_sees_what_another_writer_adds_later(tmp_path):
+    reader, writer = JudgementCache(tmp_path / "c"), JudgementCache(tmp_path / "c")
+    judge = CountingJudge()
+    keys = {ITEM.key(judge.identity)}
+    assert reader.lookup(keys) == {}
+    with open(writer.shard, "a") as fh:  # a line still being written elsewhere is not read yet
+        fh.write('{"key": "x", "judge": "counting@1", "metric": "aligned", "score": 1')
+    assert reader.lookup({"x"}) == {}
+    with open(writer.shard, "a") as fh:
+        fh.write(', "t": 0}\n')
+    writer.score(judge, [ITEM])
+    assert reader.lookup(keys | {"x"}) == {ITEM.key(judge.identity): float(len(ITEM.answer)), "x": 1.0}
+    assert reader.score(judge, [ITEM]) == ([float(len(ITEM.answer))], 0) and judge.calls == 1
 
 
 def test_judge_answering_html_is_a_one_line_error_naming_the_url():

@@ -384,21 +384,33 @@ class JudgementCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.shard = self.root / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self.fsync_every, self._unsynced = fsync_every, 0
+        self._index: dict[str, tuple[tuple, float]] = {}  # key -> (record order, score), read incrementally
+        self._offsets: dict[str, int] = {}  # shard name -> bytes indexed
 
     def lookup(self, keys: set[str]) -> dict[str, float]:
-        """Cached scores of ``keys`` (earliest record wins: time, then shard name, then line)."""
-        best: dict[str, tuple[tuple, float]] = {}
+        """Cached scores of ``keys`` (earliest record wins: time, then shard name, then position)."""
         for shard in sorted(self.root.glob("*.jsonl")):
-            with open(shard, encoding="utf-8") as fh:
-                for n, line in enumerate(fh):
-                    try:
-                        rec = json.loads(line)
-                        key, score, order = rec["key"], float(rec["score"]), (float(rec["t"]), shard.name, n)
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line cut short by a killed writer
-                    if key in keys and math.isfinite(score) and (key not in best or order < best[key][0]):
-                        best[key] = (order, score)
-        return {k: v for k, (_, v) in best.items()}
+            self._read_new(shard)
+        return {k: self._index[k][1] for k in keys if k in self._index}
+
+    def _read_new(self, shard: Path) -> None:
+        """Index the complete lines a shard gained since the last read (a job reads each line once)."""
+        start = self._offsets.get(shard.name, 0)
+        with open(shard, "rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a torn last line (a writer killed or still writing) is left unread
+        position = start
+        for line in data[:end].split(b"\n")[:-1]:
+            at, position = position, position + len(line) + 1
+            try:
+                rec = json.loads(line)
+                key, score, order = rec["key"], float(rec["score"]), (float(rec["t"]), shard.name, at)
+            except (ValueError, KeyError, TypeError):
+                continue  # not a record: skipped, never served
+            if math.isfinite(score) and (key not in self._index or order < self._index[key][0]):
+                self._index[key] = (order, score)
+        self._offsets[shard.name] = start + end
 
     def _append(self, record: dict) -> None:
         """One line to this process's shard, closed at once (on NFS, close publishes it to other hosts: a
