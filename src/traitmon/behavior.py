@@ -174,8 +174,8 @@ def cross_judge_agreement(judged: dict[str, list[dict]], aligned_max: float = 30
     names = list(frames)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            both = frames[a][["aligned", "coherent", "em"]].join(frames[b][["aligned", "coherent", "em"]],
-                                                               lsuffix="_a", rsuffix="_b", how="inner").dropna()
+            cols = ["aligned", "coherent", "em"]
+            both = frames[a][cols].add_suffix("_a").join(frames[b][cols].add_suffix("_b"), how="inner").dropna()
             rates = both.groupby(level=list(RUN_FIELDS))[["em_a", "em_b"]].mean()
             row = {"judge_a": a, "judge_b": b, "n_answers": len(both), "n_runs": len(rates),
                    "em_agreement": float((both.em_a == both.em_b).mean()),
