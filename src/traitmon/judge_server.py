@@ -20,12 +20,21 @@ from traitmon.capture import prompt_ids
 class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, model, tokenizer, name: str = "local", fail_first: int = 0):
+    def __init__(self, address, model, tokenizer, name: str = "local", fail_first: int = 0,
+                 error_after: int | None = None, stall_after: int | None = None):
         super().__init__(address, _Handler)
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.lock = threading.Lock()  # one forward pass at a time
-        self.fail_first = fail_first  # answer 429 to the first N requests (tests of back-off)
-        self.requests = 0
+        # fault injection for tests: 429 to the first N requests (back-off), HTTP 400 after N answers
+        # (a failing batch), no answer at all after N answers (a client killed mid-run)
+        self.fail_first, self.error_after, self.stall_after = fail_first, error_after, stall_after
+        self.release = threading.Event()  # lets stalled requests go (unanswered) at shutdown
+        self.requests, self.stalled = 0, 0
+        self.answered: list[str] = []  # the user message of every completed judgement, in order
+
+    def shutdown(self) -> None:
+        self.release.set()
+        super().shutdown()
 
     def complete(self, payload: dict) -> dict:
         ids = torch.tensor([prompt_ids(self.tokenizer, payload["messages"])])
@@ -36,6 +45,8 @@ class JudgeServer(ThreadingHTTPServer):
         top = torch.topk(logp, k)
         tokens = [self.tokenizer.decode([int(i)]) for i in top.indices]
         entries = [{"token": t, "logprob": float(v)} for t, v in zip(tokens, top.values)]
+        with self.lock:
+            self.answered.append(payload["messages"][-1]["content"])
         return {"id": f"cmpl-{self.requests}", "object": "chat.completion", "model": payload.get("model", self.name),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": tokens[0]},
                              "logprobs": {"content": [{**entries[0], "top_logprobs": entries}]},
@@ -62,6 +73,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(404, {"error": {"message": f"no route {self.path}"}})
         if self.server.requests <= self.server.fail_first:
             return self._reply(429, {"error": {"message": "rate limited"}})
+        done = len(self.server.answered)
+        if self.server.error_after is not None and done >= self.server.error_after:
+            return self._reply(400, {"error": {"message": "bad request"}})
+        if self.server.stall_after is not None and done >= self.server.stall_after:
+            self.server.stalled += 1
+            self.server.release.wait()  # never answered: the client is expected to die meanwhile
+            return None
         try:
             payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             return self._reply(200, self.server.complete(payload))

@@ -7,7 +7,9 @@
 
 The two model judges share the literature's scheme: one completion token at temperature 0, top-20
 log-probabilities, score = probability-weighted mean of the integer tokens 0-100, no score when their mass is
-below 0.25. Every judgement is cached by (judge name + version, metric, rubric hash, question, answer).
+below 0.25. Every judgement is cached by (judge identity, metric, rubric hash, question, answer); the identity
+names what produced the score: the endpoint and model for ``openai``, a hash of the model folder for ``hf``.
+A missing score is never cached (a rerun asks again).
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ import math
 import os
 import random
 import re
-import sqlite3
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from traitmon.errors import TraitmonError
-from traitmon.io import data_path, read_jsonl, stable_hash
+from traitmon.io import data_path, file_hash, read_jsonl, stable_hash
 
 log = logging.getLogger(__name__)
 MIN_MASS = 0.25
@@ -89,21 +94,34 @@ class Judge:
     def identity(self) -> str:
         return f"{self.name}@{self.version}"
 
+    batch_size = 16  # items scored between two saves of the cache
+
     def score_items(self, items: list[Item]) -> list[float | None]:
         raise NotImplementedError
+
+    def iter_scores(self, items: list[Item]) -> Iterator[tuple[int, float | None]]:
+        """``(index, score)`` as results arrive, in small batches, so a caller can save them before an error
+        or a kill ends the run."""
+        for start in range(0, len(items), self.batch_size):
+            scores = self.score_items(items[start:start + self.batch_size])
+            yield from enumerate(scores, start=start)
 
 
 # ---- openai-compatible HTTP judge ----------------------------------------------------------------
 
 class OpenAIJudge(Judge):
+    """An OpenAI-compatible endpoint. The value of the environment variable named by ``api_key_env`` is sent
+    as a bearer token to ``base_url`` (and nowhere else): point it only at an endpoint you trust with that key."""
+
     name = "openai"
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0):
-        self.base_url, self.model = base_url.rstrip("/"), model
+        self.base_url, self.model = check_base_url(base_url), model
         self.api_key = os.environ.get(api_key_env, "")
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
-        self.version = model
+        # two endpoints serving "the same" model name may serve different weights: the endpoint is part of it
+        self.version = f"{model}@{self.base_url}"
 
     def _post(self, payload: dict) -> dict:
         url = f"{self.base_url}/chat/completions"
@@ -115,7 +133,7 @@ class OpenAIJudge(Judge):
             try:
                 request = urllib.request.Request(url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    return _json_reply(url, response.read(), response.headers.get("Content-Type", ""))
             except urllib.error.HTTPError as exc:
                 if exc.code != 429 and exc.code < 500 or attempt == self.max_retries:
                     raise TraitmonError(f"judge endpoint {url} answered HTTP {exc.code}: {exc.read()[:300]!r}") from None
@@ -135,8 +153,53 @@ class OpenAIJudge(Judge):
         return score_from_probabilities({t["token"]: math.exp(t["logprob"]) for t in top})
 
     def score_items(self, items: list[Item]) -> list[float | None]:
+        scores: list[float | None] = [None] * len(items)
+        for i, score in self.iter_scores(items):
+            scores[i] = score
+        return scores
+
+    def iter_scores(self, items: list[Item]) -> Iterator[tuple[int, float | None]]:
+        """Each score as its reply arrives; after a failed request the ones already in flight still arrive,
+        nothing new is sent, and the first error is raised once they are all yielded."""
+        error: BaseException | None = None
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._score_one, items))
+            futures = {pool.submit(self._score_one, item): i for i, item in enumerate(items)}
+            for future in concurrent.futures.as_completed(futures):
+                if future.cancelled():
+                    continue
+                if future.exception() is not None:
+                    error = error or future.exception()
+                    for pending in futures:
+                        pending.cancel()
+                    continue
+                yield futures[future], future.result()
+        if error is not None:
+            raise error
+
+
+def check_base_url(base_url: str) -> str:
+    """``base_url`` without a trailing slash; refused when it carries credentials (they would land in logs,
+    cache identities and command lines: keys go through ``api_key_env``)."""
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TraitmonError(f"judge base_url must be an http(s) URL, got {base_url!r}")
+    if parts.username or parts.password or parts.query:
+        raise TraitmonError(f"judge base_url for host {parts.hostname} must not carry credentials or a query; "
+                            "name an environment variable with api_key_env instead")
+    return base_url.rstrip("/")
+
+
+def _json_reply(url: str, data: bytes, content_type: str) -> dict:
+    """The endpoint's reply as JSON; an HTML page (a proxy, a login page, a wrong URL) is a one-line error."""
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        snippet = " ".join(data[:120].decode("utf-8", "replace").split())
+        raise TraitmonError(f"judge endpoint {url} answered {content_type or 'no content type'}, not JSON: "
+                            f"{snippet!r} (is base_url the API root, e.g. .../v1?)") from None
+    if not isinstance(reply, dict):
+        raise TraitmonError(f"judge endpoint {url} answered JSON that is not an object")
+    return reply
 
 
 # ---- local transformers judge --------------------------------------------------------------------
@@ -150,10 +213,10 @@ class HFJudge(Judge):
     name = "hf"
 
     def __init__(self, model_dir: str, dtype: str = "auto", batch_size: int = 8):
-        from traitmon.models import load_model, model_info
+        from traitmon.models import load_model
 
         self.model, self.tok = load_model(model_dir, dtype)
-        self.version = stable_hash(model_info(model_dir) or str(model_dir))
+        self.version = folder_hash(model_dir)  # the weights themselves, not the folder's name or info file
         self.batch_size = batch_size
         self.candidates = [self.tok(str(n), add_special_tokens=False)["input_ids"] for n in range(101)]
         self.single_token = all(len(c) == 1 for c in self.candidates)
@@ -199,6 +262,13 @@ class HFJudge(Judge):
         return [score_from_probabilities(self.probabilities(item)) for item in items]
 
 
+def folder_hash(folder: str | Path) -> str:
+    """Hash of every file's relative path and content in a model folder (hidden files skipped)."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts))
+    return stable_hash([(p.relative_to(root).as_posix(), file_hash(p)) for p in files])
+
+
 # ---- embedded offline judge ----------------------------------------------------------------------
 
 def minilm_path() -> Path:
@@ -217,6 +287,7 @@ class EmbeddingJudge(Judge):
     """
 
     name = "embedded"
+    batch_size = 64
 
     def __init__(self, train_path: str | Path | None = None):
         from sentence_transformers import SentenceTransformer
@@ -267,44 +338,105 @@ class EmbeddingJudge(Judge):
         return out
 
 
+REQUIRED_KEYS = {"embedded": (), "openai": ("base_url", "model"), "hf": ("model_dir",)}
+SECRET_KEYS = ("api_key", "key", "token", "password", "secret")
+
+
 def make_judge(spec: dict) -> Judge:
-    """Build a judge from its config entry: ``{type: embedded|openai|hf, ...}``."""
+    """Build a judge from its config entry: ``{type: embedded|openai|hf, ...}``. A literal key is refused
+    (the entry travels on the job's command line): keys come from the environment variable ``api_key_env``."""
     kind = spec.get("type", "embedded")
+    if kind not in REQUIRED_KEYS:
+        raise TraitmonError(f"unknown judge type '{kind}' (embedded, openai, hf)")
+    secret = [k for k in SECRET_KEYS if k in spec]
+    if secret:
+        raise TraitmonError(f"judge spec carries a literal '{secret[0]}': refused; put the key in an environment "
+                            "variable and name it with api_key_env")
+    missing = [k for k in REQUIRED_KEYS[kind] if not spec.get(k)]
+    if missing:
+        raise TraitmonError(f"judge of type '{kind}' needs '{missing[0]}'")
     if kind == "embedded":
         return EmbeddingJudge(spec.get("train_path"))
     if kind == "openai":
         return OpenAIJudge(spec["base_url"], spec["model"], spec.get("api_key_env", "OPENAI_API_KEY"),
                            spec.get("concurrency", 8), spec.get("timeout", 60.0), spec.get("max_retries", 5))
-    if kind == "hf":
-        return HFJudge(spec["model_dir"], spec.get("dtype", "auto"))
-    raise TraitmonError(f"unknown judge type '{kind}' (embedded, openai, hf)")
+    return HFJudge(spec["model_dir"], spec.get("dtype", "auto"))
 
 
 # ---- cache ---------------------------------------------------------------------------------------
 
 class JudgementCache:
-    """SQLite cache of scores keyed by judge identity + item; safe for concurrent jobs (WAL, busy timeout)."""
+    """Scores keyed by judge identity + item, in a folder of append-only JSONL shards, one per writing process.
 
-    def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=120)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, judge TEXT, metric TEXT, score REAL)")
-        self.db.commit()
+    Why not SQLite: on a cluster ``results/`` sits on network storage (NFS, Lustre), where SQLite's WAL needs
+    shared memory that hosts do not share and its file locks are unreliable, so concurrent judge jobs could
+    lose or corrupt paid judgements. Here no file is ever written by two processes: each process appends to
+    its own new shard (no locks needed), flushing every line as it arrives, so a killed job keeps everything
+    it was answered. Readers merge all shards, skip a torn last line of a killed writer, and where two jobs
+    judged the same item at once serve the earliest record, so every reader sees the same score.
+    """
+
+    def __init__(self, path: str | Path, fsync_every: int = 16):
+        self.root = Path(path)
+        if self.root.exists() and not self.root.is_dir():
+            raise TraitmonError(f"judgement cache {self.root} is a file (an old SQLite cache?): the cache is "
+                                "now a folder of shards; pass a folder path")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.shard = self.root / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        self.fsync_every, self._unsynced = fsync_every, 0
+        self._index: dict[str, tuple[tuple, float]] = {}  # key -> (record order, score), read incrementally
+        self._offsets: dict[str, int] = {}  # shard name -> bytes indexed
+
+    def lookup(self, keys: set[str]) -> dict[str, float]:
+        """Cached scores of ``keys`` (earliest record wins: time, then shard name, then position)."""
+        for shard in sorted(self.root.glob("*.jsonl")):
+            self._read_new(shard)
+        return {k: self._index[k][1] for k in keys if k in self._index}
+
+    def _read_new(self, shard: Path) -> None:
+        """Index the complete lines a shard gained since the last read (a job reads each line once)."""
+        start = self._offsets.get(shard.name, 0)
+        with open(shard, "rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a torn last line (a writer killed or still writing) is left unread
+        position = start
+        for line in data[:end].split(b"\n")[:-1]:
+            at, position = position, position + len(line) + 1
+            try:
+                rec = json.loads(line)
+                key, score, order = rec["key"], float(rec["score"]), (float(rec["t"]), shard.name, at)
+            except (ValueError, KeyError, TypeError):
+                continue  # not a record: skipped, never served
+            if math.isfinite(score) and (key not in self._index or order < self._index[key][0]):
+                self._index[key] = (order, score)
+        self._offsets[shard.name] = start + end
+
+    def _append(self, record: dict) -> None:
+        """One line to this process's shard, closed at once (on NFS, close publishes it to other hosts: a
+        killed process loses nothing); fsync in small batches, so a crashed node loses at most a batch."""
+        self._unsynced += 1
+        with open(self.shard, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            if self._unsynced >= self.fsync_every:
+                fh.flush()
+                os.fsync(fh.fileno())
+                self._unsynced = 0
 
     def score(self, judge: Judge, items: list[Item]) -> tuple[list[float | None], int]:
-        """Scores for ``items``; only uncached ones reach the judge. Returns (scores, judge calls made)."""
+        """Scores for ``items`` (None where the judge gave none); only uncached items reach the judge, each
+        distinct one once, and each score is saved as it arrives, also when the judge then fails.
+        Returns (scores, judgements made)."""
         keys = [item.key(judge.identity) for item in items]
-        found = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            query = f"SELECT key, score FROM scores WHERE key IN ({','.join('?' * len(chunk))})"
-            found.update(self.db.execute(query, chunk).fetchall())
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        if todo:
-            fresh = judge.score_items([items[i] for i in todo])
-            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
-                                [(keys[i], judge.identity, items[i].metric, s) for i, s in zip(todo, fresh)])
-            self.db.commit()
-            found.update({keys[i]: s for i, s in zip(todo, fresh)})
-        return [found[k] for k in keys], len(todo)
+        found: dict[str, float | None] = dict(self.lookup(set(keys)))
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        todo = [first[k] for k in dict.fromkeys(keys) if k not in found]
+        made = 0
+        for j, score in judge.iter_scores([items[i] for i in todo]):
+            made += 1
+            key, item = keys[todo[j]], items[todo[j]]
+            found[key] = score
+            if score is not None and math.isfinite(score):  # a missing score is asked again next time
+                self._append({"key": key, "judge": judge.identity, "metric": item.metric,
+                              "score": float(score), "t": time.time()})
+        return [found.get(k) for k in keys], made

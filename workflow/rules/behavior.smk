@@ -16,8 +16,9 @@ rule sample_answers_base:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon answers --model-dir {input.model} --trait-file {input.traits} --settings {params.settings:q}"
-        " --out {output.answers} --label 'base' --threads {threads} > {log} 2>&1"
+        "traitmon answers --model-dir {input.model:q} --trait-file {input.traits:q} --settings {params.settings:q}"
+        " --out {output.answers:q} --model-key {wildcards.model:q} --perturbation base --step 0 --label base"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule sample_answers:
@@ -39,9 +40,9 @@ rule sample_answers:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon answers --model-dir {input.model} --adapter {input.adapter} --trait-file {input.traits}"
-        " --settings {params.settings:q} --out {output.answers} --label '{wildcards.perturbation} {wildcards.step}'"
-        " --threads {threads} > {log} 2>&1"
+        "traitmon answers --model-dir {input.model:q} --adapter {input.adapter:q} --trait-file {input.traits:q}"
+        " --settings {params.settings:q} --out {output.answers:q} --model-key {wildcards.model:q}"
+        " --perturbation {wildcards.perturbation:q} --step {wildcards.step:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule judge_runs:
@@ -60,9 +61,9 @@ rule judge_runs:
     params:
         spec=judge_spec,
         settings=behavior_settings,
-        runs=behavior_runs,
-        kinds=perturbation_kinds,
-        cache=f"{RES}/cache/judgements.sqlite",
+        kinds=lambda wildcards: json.dumps({p: spec["kind"] for p, spec in config["perturbations"].items()}),
+        # a folder of per-job append-only shards: safe on network storage (see JudgementCache)
+        cache=f"{RES}/cache/judgements",
     log:
         f"{RES}/logs/behavior/{{judge}}/{{model}}.log",
     threads: 1
@@ -72,9 +73,10 @@ rule judge_runs:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon judge-runs --judge-spec {params.spec:q} --answers {input.answers} --runs {params.runs}"
-        " --kinds {params.kinds} --trait-file {input.traits} --settings {params.settings:q} --cache {params.cache}"
-        " --judged {output.judged} --table {output.table} --figure {output.figure} --threads {threads} > {log} 2>&1"
+        "traitmon judge-runs --judge-spec {params.spec:q} --judge-name {wildcards.judge:q} --answers {input.answers:q}"
+        " --kinds {params.kinds:q} --trait-file {input.traits:q} --settings {params.settings:q}"
+        " --cache {params.cache:q} --judged {output.judged:q} --table {output.table:q} --figure {output.figure:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule judge_agreement:
@@ -98,4 +100,5 @@ rule judge_agreement:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon judge-agreement --judged {input.judged} --settings {params.settings:q} --out {output.table} > {log} 2>&1"
+        "traitmon judge-agreement --judged {input.judged:q} --settings {params.settings:q} --out {output.table:q}"
+        " > {log:q} 2>&1"
