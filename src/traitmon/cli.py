@@ -235,29 +235,53 @@ def cmd_monitor(args) -> None:
     import pandas as pd
 
     from traitmon.io import write_csv, write_json
-    from traitmon.monitor import FittedMonitor, candidates, evaluate_lopo, fit_monitor, validate_table
+    from traitmon.monitor import candidates, checkpoint_rows, evaluate_lopo, fit_monitor, validate_table
+    from traitmon.stats import compare_methods
 
     if args.action == "apply":
-        monitor = FittedMonitor.load(args.monitor)
-        table = pd.read_csv(args.table)
-        out = table[[c for c in ("model", "perturbation", "step") if c in table]].copy()
-        out["score"] = monitor.score(table)
-        out["alarm"] = out.score >= monitor.threshold
-        write_csv(args.out, out)
+        _monitor_apply(args)
         return
     if not args.table or not args.out:
         raise TraitmonError("traitmon monitor needs --table and --out")
-    table = pd.read_csv(args.table)
+    table = _read_table(args.table)
     features = validate_table(table, args.table)
     metrics, preds = evaluate_lopo(table, features, args.theta, args.target_fnr)
+    metrics["intervals"] = compare_methods({"trait monitor": preds}, "trait monitor")["methods"]["trait monitor"]
     out = Path(args.out)
     write_json(out / "metrics.json", metrics)
-    write_csv(out / "predictions.csv", preds[["model", "perturbation", "step", "score", "alarm", "dangerous"]])
+    write_csv(out / "predictions.csv", preds[PREDICTION_COLUMNS])
     if args.save_monitor:
-        fit_monitor(table[features].to_numpy(float), table.em_rate.to_numpy(float), table.perturbation.to_numpy(),
+        rows = checkpoint_rows(table)
+        fit_monitor(rows[features].to_numpy(float), rows.em_rate.to_numpy(float), rows.perturbation.to_numpy(),
                     args.theta, args.target_fnr, candidates(), features).save(args.save_monitor)
     print(f"AUROC {metrics['auroc']:.3f}  FNR {metrics['fnr']:.3f}  FPR {metrics['fpr']:.3f}  "
-          f"(theta {args.theta}, {len(metrics['folds'])} LOPO folds)")
+          f"(theta {args.theta}, {len(metrics['folds'])} LOPO folds, {metrics['n_uncertain']} uncertain labels)")
+
+
+PREDICTION_COLUMNS = ["model", "perturbation", "step", "score", "alarm", "dangerous", "uncertain"]
+
+
+def _read_table(path: str):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise TraitmonError(f"{path}: cannot read CSV table ({exc})") from None
+
+
+def _monitor_apply(args) -> None:
+    from traitmon.io import write_csv
+    from traitmon.monitor import FittedMonitor
+
+    if not args.monitor or not args.table or not args.out:
+        raise TraitmonError("traitmon monitor apply needs --monitor (a monitor.json), --table and --out")
+    monitor = FittedMonitor.load(args.monitor)
+    table = _read_table(args.table)
+    out = table[[c for c in ("model", "perturbation", "step") if c in table]].copy()
+    out["score"] = monitor.score(table, args.table)
+    out["alarm"] = out.score >= monitor.threshold
+    write_csv(args.out, out)
 
 
 def cmd_bundle(args) -> None:
