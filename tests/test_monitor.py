@@ -6,8 +6,8 @@ import pytest
 
 from traitmon.cli import main
 from traitmon.drift import em_axis
-from traitmon.stats import correlation
 from traitmon.monitor import FittedMonitor, early_warning, evaluate_lopo, rates, threshold_for_fnr
+from traitmon.stats import correlation
 
 TRAITS = ["honesty", "helpfulness", "harmlessness", "power-seeking", "corrigibility", "sycophancy", "confidence"]
 

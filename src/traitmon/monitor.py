@@ -138,7 +138,10 @@ def calibrate(raw: np.ndarray, calibration: dict | None) -> np.ndarray:
 
 
 def _inner_oof(pipeline: Pipeline, x, em_rate, groups, theta) -> np.ndarray | None:
-    """Out-of-fold raw scores on the training rows by LOPO over the training perturbations."""
+    """Out-of-fold raw scores on the training rows by LOPO over the training perturbations (None with fewer
+    than 2 training perturbations or when a candidate cannot be fitted)."""
+    if len(np.unique(groups)) < 2:
+        return None
     oof = np.full(len(x), np.nan)
     for g in np.unique(groups):
         inner_train = groups != g
