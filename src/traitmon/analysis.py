@@ -143,7 +143,7 @@ def figures(table, traits, axis, corr, preds, baselines, comparison, theta) -> d
         curves.append(roc_points(p).assign(method=f"{label} (AUROC {auc:.2f})" if auc is not None else label))
     return {"drift_trajectories": plots.drift_trajectories(table, traits),
             "pc1_loadings": plots.pc1_loadings(axis["pooled"]["loadings"], axis["pooled"]["pc1_variance"]),
-            "pc1_vs_em": plots.pc1_vs_em(table, float(corr.pearson.iloc[-1])),
+            "pc1_vs_em": plots.pc1_vs_em(base_once(table), float(corr.pearson.iloc[-1])),
             "roc_curves": plots.roc_curves(pd.concat(curves)),
             "em_and_alarms": plots.em_and_alarms(preds, table, theta),
             "comparison": plots.comparison_forest(comparison, LABELS)}

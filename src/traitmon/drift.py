@@ -19,6 +19,7 @@ from sklearn.decomposition import PCA
 
 from traitmon.directions import unit
 from traitmon.errors import TraitmonError
+from traitmon.monitor import checkpoint_rows
 from traitmon.store import open_dataset
 
 DIRECTION_VARIABLE = {"response_mean": "direction", "last_prompt": "direction_last_prompt",
@@ -118,7 +119,7 @@ def em_axis(table: pd.DataFrame, traits: list[str]) -> dict:
     """PCA of drift profiles: PC1 variance share and loadings, pooled and per model; PC1 stability under
     leave-one-perturbation-out (|cosine| of fold PC1 with the pooled PC1); cross-model |cosine| of PC1."""
     cols = [f"drift_{t}" for t in traits]
-    rows = table[table.step > 0]
+    rows = checkpoint_rows(table)
 
     def pc1(frame):
         pca = PCA(n_components=min(len(cols), len(frame))).fit(frame[cols].to_numpy())

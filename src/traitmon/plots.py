@@ -120,7 +120,8 @@ def roc_curves(curves: pd.DataFrame) -> Figure:
     for (method, curve), color in zip(curves.groupby("method", sort=False), sns.color_palette()):
         ax.plot(curve.fpr, curve.tpr, drawstyle="steps-post", color=color, lw=2, label=method)
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
-    ax.legend(title="method", loc="lower right", fontsize=8)
+    if len(curves):  # no curve when a single class is present (e.g. no dangerous checkpoint)
+        ax.legend(title="method", loc="lower right", fontsize=8)
     ax.set(title="Dangerous-checkpoint detection, leave-one-perturbation-out", xlabel="false positive rate",
            ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
     return fig
