@@ -231,7 +231,7 @@ class FittedMonitor:
 
     @classmethod
     def load(cls, path: str | Path) -> FittedMonitor:
-        """Reads JSON only (a pickle or any other file is refused, never executed)."""
+        """Reads JSON only: any other file (a code-carrying format included) is refused, never executed."""
         try:
             blob = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
