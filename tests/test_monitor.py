@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 from traitmon.cli import main
-from traitmon.drift import correlation, em_axis
+from traitmon.drift import em_axis
 from traitmon.monitor import FittedMonitor, early_warning, evaluate_lopo, rates, threshold_for_fnr
+from traitmon.stats import correlation
 
 TRAITS = ["honesty", "helpfulness", "harmlessness", "power-seeking", "corrigibility", "sycophancy", "confidence"]
 
@@ -85,7 +86,7 @@ def test_early_warning_outcomes():
         "step": [5, 10, 15] * 3,
         "dangerous": [False, True, True, False, False, True, False, False, False],
         "alarm": [True, True, True, False, False, False, False, True, False]})
-    out = early_warning(preds).set_index("perturbation")
+    out = early_warning(preds, persistence=1).set_index("perturbation")  # single-checkpoint rule
     assert out.loc["a", "lead_steps"] == 5 and out.loc["a", "outcome"] == "early"
     assert out.loc["b", "outcome"] == "missed"
     assert out.loc["c", "outcome"] == "false alarm"
@@ -104,17 +105,17 @@ def test_monitor_cli_writes_metrics_predictions_and_applies(tmp_path):
     table.to_csv(path, index=False)
     out = tmp_path / "mon"
     assert main(["monitor", "--table", str(path), "--out", str(out), "--theta", "0.15",
-                 "--save-monitor", str(tmp_path / "m.pkl")]) == 0
+                 "--save-monitor", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"auroc", "fnr", "fpr", "theta", "folds"} <= set(metrics) and metrics["theta"] == 0.15
     assert set(metrics["folds"][0]) >= {"perturbation", "auroc", "fnr", "fpr", "n"}
     preds = pd.read_csv(out / "predictions.csv")
-    assert list(preds.columns) == ["model", "perturbation", "step", "score", "alarm", "dangerous"]
-    assert main(["monitor", "apply", "--monitor", str(tmp_path / "m.pkl"), "--table", str(path),
+    assert list(preds.columns) == ["model", "perturbation", "step", "score", "alarm", "dangerous", "uncertain"]
+    assert main(["monitor", "apply", "--monitor", str(tmp_path / "m.json"), "--table", str(path),
                  "--out", str(tmp_path / "applied.csv")]) == 0
     applied = pd.read_csv(tmp_path / "applied.csv")
     assert len(applied) == len(table) and applied.alarm.any()
-    assert FittedMonitor.load(tmp_path / "m.pkl").features == [f"drift_{t}" for t in TRAITS]
+    assert FittedMonitor.load(tmp_path / "m.json").features == [f"drift_{t}" for t in TRAITS]
 
 
 def test_monitor_cli_rejects_table_without_features(tmp_path):

@@ -1,93 +1,149 @@
-"""The study's analysis: pooled drift table, EM axis, correlations, the LOPO monitor, baselines, early warning,
-a theta sweep, and the figures. Writes everything under one folder (``results/analysis``)."""
+"""The study's analysis: pooled drift table, EM axis, correlations, the LOPO monitor, baselines with paired
+run-bootstrap intervals, early warning, a theta sweep, and the figures. Computes and returns named objects; the
+command line writes them where the workflow says."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from traitmon import plots
-from traitmon.baselines import loss_ppl_features, run_baselines
-from traitmon.drift import correlation, em_axis, pc1_scores
-from traitmon.io import write_csv, write_json
+from traitmon.baselines import loss_ppl_features, run_baselines, seed_spread
+from traitmon.drift import em_axis, pc1_scores
 from traitmon.monitor import (
+    FittedMonitor,
+    base_once,
     candidates,
+    checkpoint_rows,
     early_warning,
     evaluate_lopo,
     fit_monitor,
-    rates,
     roc_points,
     validate_table,
 )
+from traitmon.stats import compare_methods, correlation, run_ids
 from traitmon.store import open_dataset
 
 PAPER = {"auroc": 0.990, "fnr": 0.022, "fpr": 0.029, "pc1_variance": 0.655}
+MONITOR = "trait monitor"
+LABELS = {MONITOR: "trait monitor (7-d drift)", "pca7": "pca7 (raw activation drift)",
+          "loss_ppl": "loss + perplexity", "random7": "random7 (mean over seeds)"}
 
 
-def monitor_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """Checkpoints the monitor is evaluated on: step 0 is the reference (drift 0 by construction) and is shared
-    by every perturbation of a model, so it is left out rather than counted once per perturbation."""
-    return table[table.step > 0].reset_index(drop=True)
+@dataclass
+class Analysis:
+    """Everything ``run_analysis`` computes, by output name."""
+
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    documents: dict[str, dict] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
+    monitor: FittedMonitor | None = None
 
 
-def run_analysis(drift_csvs: list[str], raw_stores: list[str], random_csvs: list[str], out: str | Path,
-                 theta: float, target_fnr: float, theta_sweep: list[float]) -> dict:
-    out = Path(out)
+def read_inputs(drift_csvs: list[str], raw_stores: list[str], random_csvs: list[str]):
+    """The pooled drift table, raw drift per model (checkpoint rows, table order) and random tables per seed."""
     table = pd.concat([pd.read_csv(p) for p in drift_csvs], ignore_index=True)
-    traits = [c.removeprefix("drift_") for c in table.columns if c.startswith("drift_")]
-    write_csv(out / "drift.csv", table)
-
-    axis = em_axis(table, traits)
-    table["pc1"] = pc1_scores(table, traits, axis["pooled"]["loadings"])
-    corr = [{"feature": f"drift_{t}", **correlation(table[f"drift_{t}"], table.em_rate)} for t in traits]
-    corr.append({"feature": "pc1", **correlation(table.pc1, table.em_rate)})
-    write_csv(out / "correlations.csv", pd.DataFrame(corr))
-    write_json(out / "em_axis.json", axis)
-
-    rows = monitor_rows(loss_ppl_features(table))  # deltas need step 0, so before it is dropped
-    features = validate_table(rows, str(out / "drift.csv"))
-    metrics, preds = evaluate_lopo(rows, features, theta, target_fnr)
-    metrics["paper"] = PAPER
-    write_json(out / "monitor" / "metrics.json", metrics)
-    write_csv(out / "monitor" / "predictions.csv", preds[["model", "perturbation", "step", "score", "alarm", "dangerous"]])
-    final = fit_monitor(rows[features].to_numpy(float), rows.em_rate.to_numpy(float), rows.perturbation.to_numpy(),
-                        theta, target_fnr, candidates(), features)
-    final.save(out / "monitor" / "monitor.pkl")
-
+    rows = checkpoint_rows(table)
     raw = {}
     for path in raw_stores:
         ds = open_dataset(path, load=True)
         model = ds.attrs["model"]
-        sub = rows[rows.model == model]
-        arr = ds["raw_drift"].sel(model=model)
-        raw[model] = np.stack([arr.sel(perturbation=p, step=s).values for p, s in zip(sub.perturbation, sub.step)])
+        sub, arr = rows[rows.model == model], ds["raw_drift"].sel(model=model)
+        raw[model] = np.stack([arr.sel(perturbation=p, step=s).values.astype(np.float32)
+                               for p, s in zip(sub.perturbation, sub.step)])
     random_tables = [group.drop(columns="seed") for _, group in
                      pd.concat([pd.read_csv(p) for p in random_csvs]).groupby("seed")]
-    baselines, baseline_preds = run_baselines(rows, raw, random_tables, theta, target_fnr)
-    summary = pd.concat([pd.DataFrame([{"method": "trait monitor (7-d drift)", **rates(preds)},
-                                       {"method": "paper: trait monitor", **{k: PAPER[k] for k in ("auroc", "fnr", "fpr")}}]),
-                         baselines], ignore_index=True)
-    write_csv(out / "baselines.csv", summary)
+    return table, raw, random_tables
 
-    warning = early_warning(preds.merge(rows[["model", "perturbation", "step"]]))
-    write_csv(out / "early_warning.csv", warning)
-    sweep = []
-    for t in theta_sweep:
+
+def correlations(table: pd.DataFrame, traits: list[str]) -> pd.DataFrame:
+    """Drift (each trait, PC1) vs EM rate over checkpoints plus the base model once per model, with intervals
+    from the run bootstrap."""
+    rows = base_once(table)
+    groups = run_ids(rows)
+    out = [{"feature": f, **correlation(rows[f], rows.em_rate, groups)} for f in [f"drift_{t}" for t in traits] + ["pc1"]]
+    return pd.DataFrame(out)
+
+
+def comparison_table(comparison: dict, baselines: dict) -> pd.DataFrame:
+    """One row per method: metrics with intervals and the paired difference (trait monitor - method)."""
+    rows = []
+    for name, entry in comparison["methods"].items():
+        row = {"method": LABELS.get(name, name), "key": name}
+        for k, v in entry.items():
+            if isinstance(v, list):
+                row[f"{k}_low"], row[f"{k}_high"] = v
+            else:
+                row[k] = v
+        rows.append(row)
+    rows.append({"method": "paper: trait monitor", "key": "paper", **{k: PAPER[k] for k in ("auroc", "fnr", "fpr")}})
+    rows.append({"method": "sae latents", "key": "sae", "note": "not built yet"})
+    frame = pd.DataFrame(rows)
+    if "random7" in baselines:
+        spread = seed_spread(baselines["random7"])
+        for k, v in spread.items():
+            frame.loc[frame.key == "random7", k] = v
+    return frame
+
+
+def theta_sweep(rows: pd.DataFrame, features: list[str], thetas: list[float], target_fnr: float) -> pd.DataFrame:
+    out = []
+    for t in thetas:
         m, _ = evaluate_lopo(rows, features, t, target_fnr)
-        sweep.append({"theta": t, "auroc": m["auroc"], "fnr": m["fnr"], "fpr": m["fpr"], "n_dangerous": m["n_dangerous"]})
-    write_csv(out / "theta_sweep.csv", pd.DataFrame(sweep))
+        out.append({"theta": t, "auroc": m["auroc"], "fnr": m["fnr"], "fpr": m["fpr"],
+                    "n_dangerous": m["n_dangerous"], "n_uncertain": m["n_uncertain"],
+                    "auroc_without_uncertain": m["without_uncertain"]["auroc"]})
+    return pd.DataFrame(out)
 
-    figures = out / "figures"
-    plots.drift_trajectories(table, traits, figures / "drift_trajectories.png")
-    plots.pc1_loadings(axis["pooled"]["loadings"], axis["pooled"]["pc1_variance"], figures / "pc1_loadings.png")
-    plots.pc1_vs_em(table, figures / "pc1_vs_em.png", corr[-1]["pearson"])
+
+def warning_table(preds: pd.DataFrame, rows: pd.DataFrame, theta: float, persistence: int) -> pd.DataFrame:
+    merged = preds.merge(rows[["model", "perturbation", "step"] + [c for c in ("em_rate_ci_low",) if c in rows]])
+    if "em_rate_ci_low" in merged:
+        merged["above_theta"] = merged.em_rate_ci_low.to_numpy(float) > theta
+    return early_warning(merged, persistence)
+
+
+def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables: list[pd.DataFrame], theta: float,
+                 target_fnr: float, thetas: list[float], persistence: int = 2, n_boot: int = 2000,
+                 source: str = "drift table") -> Analysis:
+    traits = [c.removeprefix("drift_") for c in table.columns if c.startswith("drift_")]
+    out = Analysis()
+    axis = em_axis(table, traits)
+    table = table.assign(pc1=pc1_scores(table, traits, axis["pooled"]["loadings"]))
+    out.tables["drift"], out.documents["axis"] = table, axis
+    out.tables["correlations"] = correlations(table, traits)
+
+    full = loss_ppl_features(table)  # deltas need step 0, dropped by every evaluation below
+    features = validate_table(full, source)
+    metrics, preds = evaluate_lopo(full, features, theta, target_fnr)
+    baselines = run_baselines(full, raw, random_tables, theta, target_fnr)
+    comparison = compare_methods({MONITOR: preds, **baselines}, MONITOR, n_boot=n_boot)
+    metrics.update(paper=PAPER, intervals=comparison["methods"][MONITOR], comparison=comparison,
+                   persistence=persistence)
+    out.documents["metrics"] = metrics
+    out.tables["predictions"], out.tables["baselines"] = preds, comparison_table(comparison, baselines)
+    rows = checkpoint_rows(full)
+    out.monitor = fit_monitor(rows[features].to_numpy(float), rows.em_rate.to_numpy(float),
+                              rows.perturbation.to_numpy(), theta, target_fnr, candidates(), features)
+    out.tables["early_warning"] = warning_table(preds, rows, theta, persistence)
+    out.tables["theta_sweep"] = theta_sweep(full, features, thetas, target_fnr)
+    out.figures = figures(table, traits, axis, out.tables["correlations"], preds, baselines, comparison, theta)
+    return out
+
+
+def figures(table, traits, axis, corr, preds, baselines, comparison, theta) -> dict[str, Figure]:
     curves = []
-    for name, p in [("trait monitor", preds)] + list(baseline_preds.items()):
-        r = rates(p)
+    for name, p in [(MONITOR, preds)] + list(baselines.items()):
+        p = p[0] if isinstance(p, list) else p
+        auc = comparison["methods"][name]["auroc"]
         label = "random7, seed 0" if name == "random7" else name
-        curves.append(roc_points(p).assign(method=f"{label} (AUROC {r['auroc']:.2f})"))
-    plots.roc_curves(pd.concat(curves), figures / "roc_curves.png")
-    plots.em_and_alarms(preds, table, theta, figures / "em_and_alarms.png")
-    return {"metrics": metrics, "baselines": summary, "axis": axis, "early_warning": warning}
+        curves.append(roc_points(p).assign(method=f"{label} (AUROC {auc:.2f})" if auc is not None else label))
+    return {"drift_trajectories": plots.drift_trajectories(table, traits),
+            "pc1_loadings": plots.pc1_loadings(axis["pooled"]["loadings"], axis["pooled"]["pc1_variance"]),
+            "pc1_vs_em": plots.pc1_vs_em(base_once(table), float(corr.pearson.iloc[-1])),
+            "roc_curves": plots.roc_curves(pd.concat(curves)),
+            "em_and_alarms": plots.em_and_alarms(preds, table, theta),
+            "comparison": plots.comparison_forest(comparison, LABELS)}

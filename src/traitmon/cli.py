@@ -78,10 +78,15 @@ def cmd_steer(args) -> None:
 
 
 def cmd_summarize_directions(args) -> None:
+    from traitmon.io import write_csv
+    from traitmon.plots import save
     from traitmon.report import summarize_directions
 
-    summarize_directions(args.directions, args.steering, args.summary, args.cosines, args.figure,
-                         args.cosine_figure)
+    out = summarize_directions(args.directions, args.steering)
+    write_csv(args.summary, out.summary)
+    write_csv(args.cosines, out.cosines)
+    save(out.figure, args.figure)
+    save(out.cosine_figure, args.cosine_figure)
 
 
 def cmd_perturbation(args) -> None:
@@ -223,49 +228,97 @@ def cmd_drift(args) -> None:
     from traitmon.store import write_dataset
 
     _set_threads(args.threads)
-    eval_logs = dict(zip(args.perturbations, args.eval_logs))
-    kinds = dict(item.split(":", 1) for item in args.kinds)
-    out = build_drift_table(args.results, args.model, args.perturbations, args.steps, args.directions,
-                            args.behavior, eval_logs, kinds, args.variant)
+    eval_logs = _pairs(args.eval_logs, "=", "--eval-logs", "PERTURBATION=PATH")
+    kinds = _pairs(args.kinds, ":", "--kinds", "PERTURBATION:KIND")
+    out = build_drift_table(args.captures, args.directions, args.behavior, eval_logs, kinds, args.variant)
     write_csv(args.table, out["table"])
     write_dataset(out["drift"].astype("float32"), args.store)
     write_dataset(out["raw"].astype("float32"), args.raw)
     write_csv(args.random, out["random"])
 
 
-def cmd_analyze(args) -> None:
-    from traitmon.analysis import run_analysis
+def _pairs(items: list[str], sep: str, flag: str, form: str) -> dict[str, str]:
+    bad = [item for item in items if sep not in item]
+    if bad:
+        raise TraitmonError(f"{flag}: {bad[0]!r} is not of the form {form}")
+    return dict(item.split(sep, 1) for item in items)
 
-    run_analysis(args.drift, args.raw, args.random, args.out, args.theta, args.target_fnr, args.theta_sweep)
+
+ANALYSIS_TABLES = {"drift": "drift_table", "correlations": "correlations", "baselines": "baselines",
+                   "early_warning": "early_warning", "theta_sweep": "theta_sweep_table"}
+ANALYSIS_FIGURES = {"drift_trajectories": "figure_drift", "pc1_loadings": "figure_loadings",
+                    "pc1_vs_em": "figure_scatter", "roc_curves": "figure_roc", "em_and_alarms": "figure_alarms",
+                    "comparison": "figure_comparison"}
+
+
+def cmd_analyze(args) -> None:
+    from traitmon.analysis import read_inputs, run_analysis
+    from traitmon.io import write_csv, write_json
+    from traitmon.plots import save
+
+    table, raw, random_tables = read_inputs(args.drift, args.raw, args.random)
+    result = run_analysis(table, raw, random_tables, args.theta, args.target_fnr, args.theta_sweep,
+                          args.persistence, args.n_boot, source=" + ".join(args.drift))
+    for name, flag in ANALYSIS_TABLES.items():
+        write_csv(getattr(args, flag), result.tables[name])
+    write_csv(args.predictions, result.tables["predictions"][PREDICTION_COLUMNS])
+    write_json(args.metrics, result.documents["metrics"])
+    write_json(args.axis, result.documents["axis"])
+    result.monitor.save(args.monitor)
+    for name, flag in ANALYSIS_FIGURES.items():
+        save(result.figures[name], getattr(args, flag))
 
 
 def cmd_monitor(args) -> None:
-    import pandas as pd
 
     from traitmon.io import write_csv, write_json
-    from traitmon.monitor import FittedMonitor, candidates, evaluate_lopo, fit_monitor, validate_table
+    from traitmon.monitor import candidates, checkpoint_rows, evaluate_lopo, fit_monitor, validate_table
+    from traitmon.stats import compare_methods
 
     if args.action == "apply":
-        monitor = FittedMonitor.load(args.monitor)
-        table = pd.read_csv(args.table)
-        out = table[[c for c in ("model", "perturbation", "step") if c in table]].copy()
-        out["score"] = monitor.score(table)
-        out["alarm"] = out.score >= monitor.threshold
-        write_csv(args.out, out)
+        _monitor_apply(args)
         return
     if not args.table or not args.out:
         raise TraitmonError("traitmon monitor needs --table and --out")
-    table = pd.read_csv(args.table)
+    table = _read_table(args.table)
     features = validate_table(table, args.table)
     metrics, preds = evaluate_lopo(table, features, args.theta, args.target_fnr)
+    metrics["intervals"] = compare_methods({"trait monitor": preds}, "trait monitor")["methods"]["trait monitor"]
     out = Path(args.out)
     write_json(out / "metrics.json", metrics)
-    write_csv(out / "predictions.csv", preds[["model", "perturbation", "step", "score", "alarm", "dangerous"]])
+    write_csv(out / "predictions.csv", preds[PREDICTION_COLUMNS])
     if args.save_monitor:
-        fit_monitor(table[features].to_numpy(float), table.em_rate.to_numpy(float), table.perturbation.to_numpy(),
+        rows = checkpoint_rows(table)
+        fit_monitor(rows[features].to_numpy(float), rows.em_rate.to_numpy(float), rows.perturbation.to_numpy(),
                     args.theta, args.target_fnr, candidates(), features).save(args.save_monitor)
     print(f"AUROC {metrics['auroc']:.3f}  FNR {metrics['fnr']:.3f}  FPR {metrics['fpr']:.3f}  "
-          f"(theta {args.theta}, {len(metrics['folds'])} LOPO folds)")
+          f"(theta {args.theta}, {len(metrics['folds'])} LOPO folds, {metrics['n_uncertain']} uncertain labels)")
+
+
+PREDICTION_COLUMNS = ["model", "perturbation", "step", "score", "alarm", "dangerous", "uncertain"]
+
+
+def _read_table(path: str):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise TraitmonError(f"{path}: cannot read CSV table ({exc})") from None
+
+
+def _monitor_apply(args) -> None:
+    from traitmon.io import write_csv
+    from traitmon.monitor import FittedMonitor
+
+    if not args.monitor or not args.table or not args.out:
+        raise TraitmonError("traitmon monitor apply needs --monitor (a monitor.json), --table and --out")
+    monitor = FittedMonitor.load(args.monitor)
+    table = _read_table(args.table)
+    out = table[[c for c in ("model", "perturbation", "step") if c in table]].copy()
+    out["score"] = monitor.score(table, args.table)
+    out["alarm"] = out.score >= monitor.threshold
+    write_csv(args.out, out)
 
 
 def cmd_bundle(args) -> None:
@@ -435,14 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_judge_runs)
 
     p = sub.add_parser("drift", help="drift profiles, raw drift and random-direction drift of one model")
-    p.add_argument("--results", required=True, help="results folder holding capture/")
-    p.add_argument("--model", required=True)
-    p.add_argument("--perturbations", nargs="+", required=True)
-    p.add_argument("--steps", nargs="+", type=int, required=True)
+    p.add_argument("--captures", nargs="+", required=True,
+                   help="the model's capture stores (base and every checkpoint; placed by their attrs)")
     p.add_argument("--directions", nargs="+", required=True)
     p.add_argument("--behavior", required=True, help="em_scores.csv of the primary judge")
-    p.add_argument("--eval-logs", nargs="+", required=True, help="eval_log.csv per perturbation, same order")
-    p.add_argument("--kinds", nargs="+", required=True)
+    p.add_argument("--eval-logs", nargs="+", required=True, help="PERTURBATION=eval_log.csv per perturbation")
+    p.add_argument("--kinds", nargs="+", required=True, help="PERTURBATION:KIND (em or benign)")
     p.add_argument("--variant", default="response_mean", choices=["response_mean", "last_prompt"])
     p.add_argument("--table", required=True)
     p.add_argument("--store", required=True)
@@ -451,14 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_drift)
 
-    p = sub.add_parser("analyze", help="EM axis, monitor (LOPO), baselines, early warning, figures")
-    p.add_argument("--drift", nargs="+", required=True)
-    p.add_argument("--raw", nargs="+", required=True)
-    p.add_argument("--random", nargs="+", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("analyze", help="EM axis, monitor (LOPO), baselines with intervals, early warning, figures")
+    p.add_argument("--drift", nargs="+", required=True, help="per-model drift.csv")
+    p.add_argument("--raw", nargs="+", required=True, help="per-model raw_drift.zarr")
+    p.add_argument("--random", nargs="+", required=True, help="per-model random_drift.csv")
     p.add_argument("--theta", type=float, default=0.1)
     p.add_argument("--target-fnr", type=float, default=0.05)
     p.add_argument("--theta-sweep", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2])
+    p.add_argument("--persistence", type=int, default=2, help="consecutive checkpoints for an alarm / crossover")
+    p.add_argument("--n-boot", type=int, default=2000, help="run-bootstrap resamples for the intervals")
+    for flag, what in [("metrics", "metrics.json"), ("predictions", "predictions.csv"), ("monitor", "monitor.json"),
+                       ("axis", "em_axis.json"), *[(f, f"{n} CSV") for n, f in ANALYSIS_TABLES.items()],
+                       *[(f, f"{n} PNG") for n, f in ANALYSIS_FIGURES.items()]]:
+        p.add_argument(f"--{flag.replace('_', '-')}", required=True, help=what)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("monitor", help="evaluate the EM monitor leave-one-perturbation-out, or apply a saved one")
@@ -467,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="evaluate: output folder; apply: output CSV")
     p.add_argument("--theta", type=float, default=0.1, help="EM rate at which a checkpoint is dangerous")
     p.add_argument("--target-fnr", type=float, default=0.05)
-    p.add_argument("--save-monitor", help="also fit on every row and save the monitor here")
-    p.add_argument("--monitor", help="apply: a saved monitor")
+    p.add_argument("--save-monitor", help="also fit on every checkpoint row and save the monitor here (JSON)")
+    p.add_argument("--monitor", help="apply: a saved monitor (monitor.json)")
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("bundle", help="save a monitor bundle (directions, base reference, prompts, monitor)")

@@ -1,8 +1,11 @@
 """Drift of activations along trait directions across finetuning checkpoints, and the EM axis.
 
 For every (model, perturbation, step) the measurement prompts' activations (response mean or last prompt token,
-at each trait's chosen layer) are projected on the unit trait direction, the base model's value is subtracted
-per prompt, and the result is averaged over prompts: a drift profile with one value per trait.
+at each trait's chosen layer) are projected on the unit trait direction of the same variant, the base model's
+value is subtracted per prompt, and the result is averaged over prompts: a drift profile with one value per
+trait. Drift is in units of the base model's own spread: each trait's drift is divided by the standard deviation
+across prompts of the base model's projections (raw drift by the base's prompt-to-prompt RMS), so models with
+large activations do not dominate a pooled fit. Only the base model enters the scale (no labels, no leak).
 """
 
 from __future__ import annotations
@@ -12,60 +15,111 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
-from scipy import stats
 from sklearn.decomposition import PCA
 
 from traitmon.directions import unit
-from traitmon.store import open_dataset, open_sweep
+from traitmon.errors import TraitmonError
+from traitmon.monitor import checkpoint_rows
+from traitmon.store import open_dataset
+
+DIRECTION_VARIABLE = {"response_mean": "direction", "last_prompt": "direction_last_prompt",
+                      "direction": "direction", "direction_last_prompt": "direction_last_prompt"}
+SWEEP_DIMS = ("model", "perturbation", "step", "prompt", "layer", "hidden")
 
 
-def load_directions(paths: list[str | Path], variant: str = "direction") -> xr.Dataset:
-    """Unit directions of one model's traits: ``direction (trait, hidden)`` and ``layer (trait)``."""
+def load_directions(paths: list[str | Path], variant: str = "response_mean") -> xr.Dataset:
+    """Unit directions of one model's traits for an activation ``variant`` (response_mean or last_prompt: the
+    direction extracted from the same pooling): ``direction (trait, hidden)`` and ``layer (trait)``."""
+    name = DIRECTION_VARIABLE[variant]
     vectors, layers, names = [], [], []
     for path in paths:
         ds = open_dataset(path, load=True)
         layer = int(ds.attrs["chosen_layer"])
         names.append(ds.attrs["trait"])
         layers.append(layer)
-        vectors.append(unit(ds[variant].sel(layer=layer).values.astype(np.float32)))
+        vectors.append(unit(ds[name].sel(layer=layer).values.astype(np.float32)))
     return xr.Dataset({"direction": (("trait", "hidden"), np.stack(vectors)), "layer": (("trait",), layers)},
-                      coords={"trait": names})
+                      coords={"trait": names}, attrs={"variant": variant})
+
+
+def stack_captures(paths: list[str | Path], variable: str) -> xr.DataArray:
+    """One model's capture stores as a lazy ``(model, perturbation, step, prompt, layer, hidden)`` array, placed
+    by each store's ``model``/``perturbation``/``step`` attrs. The base store (step 0) is step 0 of every
+    perturbation."""
+    stores = {}
+    for path in paths:
+        ds = open_dataset(path, chunks={})
+        key = (str(ds.attrs.get("model")), str(ds.attrs.get("perturbation") or ""), int(ds.attrs.get("step", -1)))
+        if variable not in ds:
+            raise TraitmonError(f"{path}: capture store has no variable '{variable}'")
+        if key in stores:
+            raise TraitmonError(f"{path}: a second store for model/perturbation/step {key}")
+        stores[key] = ds[variable].drop_attrs()
+    models = {k[0] for k in stores}
+    bases = [k for k in stores if k[2] == 0]
+    if len(models) != 1 or len(bases) != 1:
+        raise TraitmonError(f"capture stores {[str(p) for p in paths][:3]}...: need one model and one base (step 0) "
+                            f"store, got models {sorted(models)} and {len(bases)} step-0 stores")
+    model, base = models.pop(), stores[bases[0]]
+    perts = sorted({k[1] for k in stores if k[2] != 0})
+    steps = sorted({k[2] for k in stores if k[2] != 0})
+    missing = [(p, s) for p in perts for s in steps if (model, p, s) not in stores]
+    if missing:
+        raise TraitmonError(f"model {model}: no capture store for perturbation/step {missing[:5]}")
+    per_pert = [xr.concat([base] + [stores[(model, p, s)] for s in steps], dim="step", coords="minimal",
+                          compat="override", join="exact").assign_coords(step=[0] + steps) for p in perts]
+    sweep = xr.concat(per_pert, dim="perturbation", coords="minimal", compat="override").assign_coords(
+        perturbation=perts)
+    return sweep.expand_dims(model=[model]).transpose(*SWEEP_DIMS)
 
 
 def project(activations: xr.DataArray, directions: xr.Dataset) -> xr.DataArray:
-    """Projection of ``activations (..., layer, hidden)`` on each trait's direction at its layer -> ``(..., trait)``."""
-    per_trait = [activations.sel(layer=int(directions.layer.sel(trait=t))).dot(
-                     directions.direction.sel(trait=t), dim="hidden").expand_dims(trait=[t])
+    """Projection of ``activations (..., layer, hidden)`` on each trait's direction at its layer -> ``(..., trait)``,
+    accumulated in float32 whatever the stored dtype."""
+    per_trait = [activations.sel(layer=int(directions.layer.sel(trait=t))).astype(np.float32).dot(
+                     directions.direction.sel(trait=t).astype(np.float32), dim="hidden").expand_dims(trait=[t])
                  for t in directions.trait.values]
     return xr.concat(per_trait, dim="trait").transpose(..., "trait")
 
 
-def drift_profiles(results: str | Path, model: str, perturbations: list[str], steps: list[int],
-                   directions: xr.Dataset, variant: str = "response_mean") -> xr.Dataset:
-    """``drift (model, perturbation, step, trait)`` and ``drift_prompt (..., prompt, trait)`` for one model."""
-    sweep = open_sweep(results, [model], perturbations, steps, variables=(variant,))[variant]
+def drift_scale(base_projection: np.ndarray) -> np.ndarray:
+    """Per trait: standard deviation across prompts of the base model's projections ``(prompt, trait)``; the
+    unit drift is measured in (1 where the base shows no spread)."""
+    sd = np.asarray(base_projection, np.float64).std(axis=0)
+    return np.where(sd > 0, sd, 1.0)
+
+
+def drift_profiles(sweep: xr.DataArray, directions: xr.Dataset) -> xr.Dataset:
+    """``drift (model, perturbation, step, trait)`` in base-spread units, ``drift_prompt (..., prompt, trait)``,
+    ``drift_unscaled`` (activation units) and the per-trait ``drift_scale``."""
     layers = sorted({int(v) for v in directions.layer.values})
     proj = project(sweep.sel(layer=layers), directions).compute()  # reads only the chosen layers
+    base = proj.sel(step=0).isel(perturbation=0)
+    scale = xr.DataArray(np.stack([drift_scale(base.sel(model=m).transpose("prompt", "trait").values)
+                                   for m in proj.model.values]), dims=("model", "trait"),
+                         coords={"model": proj.model, "trait": proj.trait})
     per_prompt = proj - proj.sel(step=0)
-    return xr.Dataset({"drift": per_prompt.mean("prompt"), "drift_sd": per_prompt.std("prompt"),
-                       "drift_prompt": per_prompt, "projection": proj.mean("prompt")},
-                      attrs={"variant": variant, "model": model})
+    return xr.Dataset({"drift": (per_prompt / scale).mean("prompt"), "drift_sd": (per_prompt / scale).std("prompt"),
+                       "drift_prompt": per_prompt / scale, "drift_unscaled": per_prompt.mean("prompt"),
+                       "drift_scale": scale, "projection": proj.mean("prompt")})
 
 
-def raw_drift(results: str | Path, model: str, perturbations: list[str], steps: list[int], layer: int,
-              variant: str = "response_mean") -> xr.DataArray:
-    """Mean over prompts of (activation - base activation) at one layer: ``(model, perturbation, step, hidden)``,
-    the input of the unsupervised PCA baseline."""
-    sweep = open_sweep(results, [model], perturbations, steps, variables=(variant,))[variant].sel(layer=layer)
-    mean = sweep.mean("prompt").compute()
-    return mean - mean.sel(step=0)
+def raw_drift(sweep: xr.DataArray, layer: int) -> xr.DataArray:
+    """Mean over prompts of (activation - base activation) at one layer, accumulated in float32 and divided by
+    the base model's prompt-to-prompt RMS at that layer: ``(model, perturbation, step, hidden)``, the input of
+    the unsupervised PCA baseline."""
+    acts = sweep.sel(layer=layer).astype(np.float32).compute()
+    base = acts.sel(step=0).isel(perturbation=0)
+    rms = np.sqrt(float(base.var("prompt").mean()))
+    mean = acts.mean("prompt")
+    return (mean - mean.sel(step=0)) / (rms if rms > 0 else 1.0)
 
 
 def em_axis(table: pd.DataFrame, traits: list[str]) -> dict:
     """PCA of drift profiles: PC1 variance share and loadings, pooled and per model; PC1 stability under
     leave-one-perturbation-out (|cosine| of fold PC1 with the pooled PC1); cross-model |cosine| of PC1."""
     cols = [f"drift_{t}" for t in traits]
-    rows = table[table.step > 0]
+    rows = checkpoint_rows(table)
 
     def pc1(frame):
         pca = PCA(n_components=min(len(cols), len(frame))).fit(frame[cols].to_numpy())
@@ -97,72 +151,66 @@ def pc1_scores(table: pd.DataFrame, traits: list[str], loadings: dict[str, float
     return table[[f"drift_{t}" for t in traits]].to_numpy() @ np.array([loadings[t] for t in traits])
 
 
-def correlation(x: np.ndarray, y: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Pearson (Fisher-z 95% CI) and Spearman (bootstrap 95% CI) correlation."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(x) < 4 or x.std() == 0 or y.std() == 0:
-        return {"pearson": float("nan"), "spearman": float("nan"), "n": len(x)}
-    r = float(stats.pearsonr(x, y).statistic)
-    z, se = np.arctanh(np.clip(r, -0.9999, 0.9999)), 1 / np.sqrt(len(x) - 3)
-    rho = float(stats.spearmanr(x, y).statistic)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(x), len(x))
-        if x[idx].std() > 0 and y[idx].std() > 0:
-            boots.append(stats.spearmanr(x[idx], y[idx]).statistic)
-    lo, hi = np.nanquantile(boots, [0.025, 0.975]) if boots else (np.nan, np.nan)
-    return {"pearson": r, "pearson_ci": [float(np.tanh(z - 1.96 * se)), float(np.tanh(z + 1.96 * se))],
-            "spearman": rho, "spearman_ci": [float(lo), float(hi)], "n": len(x)}
-
-
 def random_directions(hidden: int, n: int, seed: int) -> np.ndarray:
     return unit(np.random.default_rng(seed).normal(size=(n, hidden))).astype(np.float32)
 
 
-def build_drift_table(results: str | Path, model: str, perturbations: list[str], steps: list[int],
-                      direction_paths: list[str], behavior_csv: str, eval_logs: dict[str, str],
-                      kinds: dict[str, str], variant: str = "response_mean", random_seeds: int = 5) -> dict:
-    """Everything the analysis needs for one model, computed from the capture stores in one pass:
-
-    - ``table``: ``model, perturbation, kind, step, em_rate, ..., drift_<trait>..., heldout_loss, general_ppl``
-    - ``drift``: the xarray Dataset ``(model, perturbation, step, trait)`` (+ per prompt)
-    - ``raw``: raw activation drift at the median chosen layer ``(model, perturbation, step, hidden)``
-    - ``random``: drift along ``random_seeds`` x 7 random unit directions at the traits' layers
-    """
-    directions = load_directions(direction_paths)
+def random_drift(acts: xr.DataArray, directions: xr.Dataset, seeds: int) -> pd.DataFrame:
+    """Drift along ``len(traits)`` random unit directions per seed at the traits' layers, normalised like the
+    trait drift (by the base model's spread of projections on each random direction)."""
     traits = [str(t) for t in directions.trait.values]
-    drift = drift_profiles(results, model, perturbations, steps, directions, variant)
-    frame = drift["drift"].sel(model=model).to_dataframe().reset_index().pivot(
-        index=["perturbation", "step"], columns="trait", values="drift")
+    rows = []
+    for seed in range(seeds):
+        rand = directions.copy()
+        rand["direction"] = (("trait", "hidden"), random_directions(directions.sizes["hidden"], len(traits), seed))
+        frame = _drift_frame(drift_profiles(acts, rand)["drift"], traits)
+        rows.append(frame.assign(seed=seed))
+    return pd.concat(rows, ignore_index=True)[["model", "perturbation", "step", "seed"]
+                                              + [f"drift_{t}" for t in traits]]
+
+
+def _drift_frame(drift: xr.DataArray, traits: list[str]) -> pd.DataFrame:
+    """``drift (model, perturbation, step, trait)`` as a wide table with ``drift_<trait>`` columns."""
+    frame = drift.to_dataframe(name="drift").reset_index().pivot(
+        index=["model", "perturbation", "step"], columns="trait", values="drift")
     frame.columns = [f"drift_{t}" for t in frame.columns]
-    frame = frame[[f"drift_{t}" for t in traits]].reset_index()
+    return frame[[f"drift_{t}" for t in traits]].reset_index()
+
+
+def _join_labels(frame: pd.DataFrame, behavior_csv: str, eval_logs: dict[str, str],
+                 kinds: dict[str, str]) -> pd.DataFrame:
+    model = str(frame.model.iloc[0])
     behavior = pd.read_csv(behavior_csv)
     behavior = behavior[behavior.model == model].drop(columns=["model", "kind"], errors="ignore")
+    behavior = behavior.drop_duplicates(["perturbation", "step"])
     table = frame.merge(behavior, on=["perturbation", "step"], how="left", validate="one_to_one")
     evals = pd.concat([pd.read_csv(path).assign(perturbation=pert) for pert, path in eval_logs.items()])
     table = table.merge(evals, on=["perturbation", "step"], how="left", validate="one_to_one")
-    table.insert(0, "model", model)
     table.insert(2, "kind", table.perturbation.map(kinds))
+    return table.sort_values(["perturbation", "step"]).reset_index(drop=True)
 
+
+def build_drift_table(capture_paths: list[str], direction_paths: list[str], behavior_csv: str,
+                      eval_logs: dict[str, str], kinds: dict[str, str], variant: str = "response_mean",
+                      random_seeds: int = 5) -> dict:
+    """Everything the analysis needs for one model, from its capture stores (placed by their attrs):
+
+    - ``table``: ``model, perturbation, kind, step, em_rate, ..., drift_<trait>..., heldout_loss, general_ppl``
+      (drift in units of the base model's spread across prompts)
+    - ``drift``: the xarray Dataset ``(model, perturbation, step, trait)`` (+ per prompt, unscaled, scale)
+    - ``raw``: raw activation drift at the median chosen layer ``(model, perturbation, step, hidden)``
+    - ``random``: drift along ``random_seeds`` x 7 random unit directions at the traits' layers
+    """
+    directions = load_directions(direction_paths, variant)
+    traits = [str(t) for t in directions.trait.values]
+    sweep = stack_captures(capture_paths, variant)
+    layers = sorted({int(v) for v in directions.layer.values})
+    acts = sweep.sel(layer=layers).astype(np.float32).compute()  # read once, float32 whatever is stored
+    drift = drift_profiles(acts, directions)
+    model = str(sweep.model.values[0])
+    table = _join_labels(_drift_frame(drift["drift"], traits), behavior_csv, eval_logs, kinds)
     layer = int(np.median(directions.layer.values))
-    raw = raw_drift(results, model, perturbations, steps, layer, variant)
-    hidden = directions.sizes["hidden"]
-    sweep = open_sweep(results, [model], perturbations, steps, variables=(variant,))[variant]
-    acts = sweep.sel(layer=sorted({int(v) for v in directions.layer.values})).mean("prompt").compute()
-    random_rows = []
-    for seed in range(random_seeds):
-        rand = directions.copy()
-        rand["direction"] = (("trait", "hidden"), random_directions(hidden, len(traits), seed))
-        proj = project(acts, rand)
-        rd = (proj - proj.sel(step=0)).sel(model=model)
-        for pert in perturbations:
-            for step in rd.step.values:
-                random_rows.append({"model": model, "perturbation": pert, "step": int(step), "seed": seed,
-                                    **{f"drift_{t}": float(rd.sel(perturbation=pert, step=step, trait=t))
-                                       for t in traits}})
-    return {"table": table.sort_values(["perturbation", "step"]).reset_index(drop=True), "drift": drift,
+    raw = raw_drift(sweep, layer)
+    return {"table": table, "drift": drift.assign_attrs(variant=variant, model=model),
             "raw": raw.rename("raw_drift").to_dataset().assign_attrs(layer=layer, model=model),
-            "random": pd.DataFrame(random_rows)}
+            "random": random_drift(acts, directions, random_seeds)}

@@ -1,4 +1,5 @@
-"""Seaborn figures: labelled axes, titles, readable at report size. Each function writes one PNG."""
+"""Seaborn figures: labelled axes, titles, readable at report size. Each function returns one figure;
+``save`` writes it (atomically)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.figure import Figure
 
 from traitmon.io import atomic_path
 
 
-def _save(fig, path: str | Path) -> None:
+def save(fig: Figure, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
-def layer_separation(table: pd.DataFrame, chosen: dict[str, int], path: str | Path, model: str = "") -> None:
+def layer_separation(table: pd.DataFrame, chosen: dict[str, int], model: str = "") -> Figure:
     """``table`` columns: trait, layer, separation (held-out paired AUROC), variant. Chosen layers starred."""
     sns.set_theme(style="whitegrid", context="notebook")
     traits = list(dict.fromkeys(table.trait))
@@ -41,19 +43,19 @@ def layer_separation(table: pd.DataFrame, chosen: dict[str, int], path: str | Pa
     grid.set_titles("{col_name}")
     sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
     grid.figure.suptitle(f"Trait separation by layer{f' ({model})' if model else ''}; star = chosen layer", y=1.03)
-    _save(grid.figure, path)
+    return grid.figure
 
 
-def cosine_heatmap(matrix: pd.DataFrame, path: str | Path, title: str) -> None:
+def cosine_heatmap(matrix: pd.DataFrame, title: str) -> Figure:
     sns.set_theme(style="white", context="notebook")
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     sns.heatmap(matrix, annot=True, fmt=".2f", cmap="vlag", vmin=-1, vmax=1, square=True, ax=ax,
                 cbar_kws={"label": "cosine similarity"})
     ax.set_title(title)
-    _save(fig, path)
+    return fig
 
 
-def em_rate_over_steps(table: pd.DataFrame, path: str | Path) -> None:
+def em_rate_over_steps(table: pd.DataFrame) -> Figure:
     """EM rate per checkpoint, one line per perturbation (solid = EM-inducing, dashed = benign), with the
     bootstrap 95% interval as a band."""
     sns.set_theme(style="whitegrid", context="notebook")
@@ -70,10 +72,10 @@ def em_rate_over_steps(table: pd.DataFrame, path: str | Path) -> None:
         ax.set(title=f"EM rate over finetuning - {model}", xlabel="finetuning step (0 = base model)",
                ylabel="EM rate (aligned <= 30, coherent > 50)", ylim=(-0.02, max(0.3, sub.em_rate_ci_high.max() + 0.05)))
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    _save(fig, path)
+    return fig
 
 
-def drift_trajectories(table: pd.DataFrame, traits: list[str], path: str | Path) -> None:
+def drift_trajectories(table: pd.DataFrame, traits: list[str]) -> Figure:
     """Drift along each trait over finetuning steps; solid = EM-inducing, dashed = benign."""
     sns.set_theme(style="whitegrid", context="notebook")
     long = table.melt(id_vars=["model", "perturbation", "kind", "step"], value_vars=[f"drift_{t}" for t in traits],
@@ -87,20 +89,20 @@ def drift_trajectories(table: pd.DataFrame, traits: list[str], path: str | Path)
     for ax in grid.axes.flat:
         ax.axhline(0, color="grey", lw=1)
     grid.figure.suptitle("Drift along trait directions during finetuning", y=1.02)
-    _save(grid.figure, path)
+    return grid.figure
 
 
-def pc1_loadings(loadings: dict[str, float], variance: float, path: str | Path) -> None:
+def pc1_loadings(loadings: dict[str, float], variance: float) -> Figure:
     sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     frame = pd.DataFrame({"trait": list(loadings), "loading": list(loadings.values())})
     sns.barplot(data=frame, x="trait", y="loading", hue="trait", palette="vlag", legend=False, ax=ax)
     ax.set(title=f"EM axis: PC1 of drift profiles ({variance:.1%} of variance)", xlabel="", ylabel="PC1 loading")
     ax.tick_params(axis="x", rotation=30)
-    _save(fig, path)
+    return fig
 
 
-def pc1_vs_em(table: pd.DataFrame, path: str | Path, pearson: float) -> None:
+def pc1_vs_em(table: pd.DataFrame, pearson: float) -> Figure:
     sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     sns.scatterplot(data=table, x="pc1", y="em_rate", hue="perturbation", style="kind", size="step",
@@ -108,23 +110,24 @@ def pc1_vs_em(table: pd.DataFrame, path: str | Path, pearson: float) -> None:
     ax.set(title=f"Drift along PC1 vs behavioural EM rate (Pearson r = {pearson:.2f})",
            xlabel="PC1 score of the drift profile", ylabel="EM rate")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    _save(fig, path)
+    return fig
 
 
-def roc_curves(curves: pd.DataFrame, path: str | Path) -> None:
+def roc_curves(curves: pd.DataFrame) -> Figure:
     """``curves`` columns: method, fpr, tpr (method label includes its AUROC)."""
     sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = plt.subplots(figsize=(5.8, 5))
     for (method, curve), color in zip(curves.groupby("method", sort=False), sns.color_palette()):
         ax.plot(curve.fpr, curve.tpr, drawstyle="steps-post", color=color, lw=2, label=method)
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
-    ax.legend(title="method", loc="lower right", fontsize=8)
+    if len(curves):  # no curve when a single class is present (e.g. no dangerous checkpoint)
+        ax.legend(title="method", loc="lower right", fontsize=8)
     ax.set(title="Dangerous-checkpoint detection, leave-one-perturbation-out", xlabel="false positive rate",
            ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02))
-    _save(fig, path)
+    return fig
 
 
-def em_and_alarms(preds: pd.DataFrame, table: pd.DataFrame, theta: float, path: str | Path) -> None:
+def em_and_alarms(preds: pd.DataFrame, table: pd.DataFrame, theta: float) -> Figure:
     """Per run: EM rate over steps, the theta line, and the monitor's alarms (red x)."""
     sns.set_theme(style="whitegrid", context="notebook")
     merged = preds.merge(table[["model", "perturbation", "step", "em_rate", "kind"]],
@@ -138,9 +141,46 @@ def em_and_alarms(preds: pd.DataFrame, table: pd.DataFrame, theta: float, path: 
         sns.lineplot(data=run, x="step", y="em_rate", marker="o", ax=ax, color="tab:blue")
         alarms = run[run.alarm]
         ax.scatter(alarms.step, alarms.em_rate, marker="x", s=90, color="tab:red", zorder=5, label="alarm")
+        if "uncertain" in run:  # EM interval contains theta: the label could go either way
+            unsure = run[run.uncertain.astype(bool)]
+            ax.scatter(unsure.step, unsure.em_rate, s=140, facecolors="none", edgecolors="black", zorder=6,
+                       label="uncertain label")
         ax.axhline(theta, color="grey", ls="--", lw=1)
         ax.set(title=f"{pert} ({run.kind.iloc[0]})", xlabel="step", ylabel="EM rate")
     for ax in list(axes.flat)[len(runs):]:
         ax.set_visible(False)
-    fig.suptitle(f"EM rate and monitor alarms per run (dashed: theta = {theta})", y=1.02)
-    _save(fig, path)
+    fig.suptitle(f"EM rate and monitor alarms per run (dashed: theta = {theta}; circled: EM interval contains "
+                 "theta)", y=1.02)
+    return fig
+
+
+def comparison_forest(comparison: dict, labels: dict[str, str]) -> Figure:
+    """Forest plot: AUROC of each method, and the paired difference trait monitor - method, each with its
+    95% run-bootstrap interval (resampling perturbations, the same resamples for every method)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    rows = []
+    for name, entry in comparison["methods"].items():
+        rows.append({"panel": "AUROC", "method": labels.get(name, name), "value": entry["auroc"],
+                     "low": entry["auroc_ci"][0], "high": entry["auroc_ci"][1]})
+        if "auroc_diff" in entry:
+            rows.append({"panel": "AUROC difference (trait monitor - method)", "method": labels.get(name, name),
+                         "value": entry["auroc_diff"], "low": entry["auroc_diff_ci"][0],
+                         "high": entry["auroc_diff_ci"][1]})
+    frame = pd.DataFrame(rows).astype({"value": float, "low": float, "high": float})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * comparison_height(frame) + 1.6), sharey=False)
+    for ax, (panel, ref) in zip(axes, [("AUROC", 0.5), ("AUROC difference (trait monitor - method)", 0.0)]):
+        sub = frame[frame.panel == panel].reset_index(drop=True)
+        y = np.arange(len(sub))[::-1]
+        ax.errorbar(sub.value, y, xerr=[sub.value - sub.low, sub.high - sub.value], fmt="o", color="tab:blue",
+                    ecolor="tab:blue", capsize=4, lw=2)
+        ax.axvline(ref, color="grey", ls="--", lw=1)
+        ax.set_yticks(y, sub.method)
+        ax.set(title=panel, xlabel="AUROC" if ref else "difference in AUROC", ylim=(-0.7, len(sub) - 0.3))
+    fig.suptitle(f"Monitor vs baselines, leave-one-perturbation-out; 95% intervals from {comparison['n_boot']} "
+                 f"bootstrap resamples of the {comparison['n_runs']} runs", y=1.03)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_height(frame: pd.DataFrame) -> int:
+    return int(max(2, frame.groupby("panel").size().max()))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from traitmon import plots
 from traitmon.directions import cosine_matrix
@@ -12,8 +15,15 @@ from traitmon.steering import steering_response
 from traitmon.store import open_dataset
 
 
-def summarize_directions(direction_paths: list[str], steering_paths: list[str], summary_csv: str,
-                         cosines_csv: str, figure: str, cosine_figure: str) -> pd.DataFrame:
+@dataclass
+class DirectionSummary:
+    summary: pd.DataFrame       # per trait: layer, separation, effect size, steering response
+    cosines: pd.DataFrame       # trait x trait cosine of directions at their chosen layers
+    figure: Figure              # separation by layer
+    cosine_figure: Figure
+
+
+def summarize_directions(direction_paths: list[str], steering_paths: list[str]) -> DirectionSummary:
     """Per trait: chosen layer, held-out separation and steering response; plus the cosine matrix of the
     traits' directions (each at its own chosen layer) and the separation-by-layer figure."""
     steering = {str(pd.read_csv(p)["trait"].iloc[0]): pd.read_csv(p) for p in steering_paths}
@@ -36,15 +46,11 @@ def summarize_directions(direction_paths: list[str], steering_paths: list[str], 
         for variant, var in (("response mean", "separation"), ("last prompt token", "separation_last_prompt")):
             curves.append(pd.DataFrame({"trait": trait, "layer": ds.layer.values, "separation": ds[var].values,
                                         "variant": variant}))
-    summary = pd.DataFrame(rows)
-    write_csv(summary_csv, summary)
     names = list(vectors)
     cos = pd.DataFrame(cosine_matrix(vectors), index=names, columns=names)
-    write_csv(cosines_csv, cos.reset_index(names="trait"))
-    plots.layer_separation(pd.concat(curves), chosen, figure, model)
-    plots.cosine_heatmap(cos, cosine_figure,
-                         f"Cosine of trait directions at chosen layers - {model}")
-    return summary
+    return DirectionSummary(pd.DataFrame(rows), cos.reset_index(names="trait"),
+                            plots.layer_separation(pd.concat(curves), chosen, model),
+                            plots.cosine_heatmap(cos, f"Cosine of trait directions at chosen layers - {model}"))
 
 
 def behavior_table(summaries: list[dict], runs: list[str], kinds: dict[str, str], out_csv: str,
@@ -58,5 +64,5 @@ def behavior_table(summaries: list[dict], runs: list[str], kinds: dict[str, str]
         rows += [{"model": model, "perturbation": p, "step": int(step), "kind": kinds[p], **summary} for p in targets]
     table = pd.DataFrame(rows).sort_values(["model", "perturbation", "step"]).reset_index(drop=True)
     write_csv(out_csv, table)
-    plots.em_rate_over_steps(table, figure)
+    plots.save(plots.em_rate_over_steps(table), figure)
     return table

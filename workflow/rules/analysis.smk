@@ -10,9 +10,8 @@ rule drift:
         raw=directory(f"{RES}/analysis/{{model}}/raw_drift.zarr"),
         random=f"{RES}/analysis/{{model}}/random_drift.csv",
     params:
-        results=results_root,
-        perturbations=" ".join(PERTURBATIONS),
-        steps=" ".join(str(s) for s in [0] + STEPS),
+        # PERTURBATION=PATH: eval_log.csv carries no run identity, so its perturbation travels by name
+        eval_logs=lambda wildcards, input: [f"{p}={path}" for p, path in zip(PERTURBATIONS, input.eval_logs)],
         kinds=perturbation_kinds,
         variant=config["analysis"]["variant"],
     log:
@@ -24,10 +23,10 @@ rule drift:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon drift --results {params.results} --model {wildcards.model} --perturbations {params.perturbations}"
-        " --steps {params.steps} --directions {input.directions} --behavior {input.behavior}"
-        " --eval-logs {input.eval_logs} --kinds {params.kinds} --variant {params.variant} --table {output.table}"
-        " --store {output.store} --raw {output.raw} --random {output.random} > {log} 2>&1"
+        "traitmon drift --captures {input.captures:q} --directions {input.directions:q}"
+        " --behavior {input.behavior:q} --eval-logs {params.eval_logs:q} --kinds {params.kinds}"
+        " --variant {params.variant:q} --table {output.table:q} --store {output.store:q} --raw {output.raw:q}"
+        " --random {output.random:q} > {log:q} 2>&1"
 
 
 rule analyze:
@@ -39,7 +38,7 @@ rule analyze:
         drift=f"{RES}/analysis/drift.csv",
         metrics=report(f"{RES}/analysis/monitor/metrics.json", category="Monitor", labels={"what": "metrics"}),
         predictions=f"{RES}/analysis/monitor/predictions.csv",
-        monitor=f"{RES}/analysis/monitor/monitor.pkl",
+        monitor=f"{RES}/analysis/monitor/monitor.json",
         baselines=report(f"{RES}/analysis/baselines.csv", caption="../report/baselines.rst", category="Monitor",
                          labels={"what": "monitor vs baselines"}),
         correlations=report(f"{RES}/analysis/correlations.csv", caption="../report/correlations.rst",
@@ -59,22 +58,33 @@ rule analyze:
                    category="Monitor", labels={"figure": "ROC"}),
         alarms=report(f"{RES}/analysis/figures/em_and_alarms.png", caption="../report/em_and_alarms.rst",
                       category="Monitor", labels={"figure": "alarms"}),
+        comparison=report(f"{RES}/analysis/figures/comparison_forest.png",
+                          caption="../report/comparison_forest.rst", category="Monitor",
+                          labels={"figure": "comparison with intervals"}),
     params:
-        out=analysis_dir,
         theta=config["analysis"]["theta"],
         target_fnr=config["analysis"]["target_fnr"],
         theta_sweep=" ".join(str(t) for t in config["analysis"]["theta_sweep"]),
+        persistence=config["analysis"]["persistence"],
+        n_boot=config["analysis"]["n_boot"],
     log:
         f"{RES}/logs/analysis/analyze.log",
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=60,
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon analyze --drift {input.drift} --raw {input.raw} --random {input.random} --out {params.out}"
-        " --theta {params.theta} --target-fnr {params.target_fnr} --theta-sweep {params.theta_sweep} > {log} 2>&1"
+        "traitmon analyze --drift {input.drift:q} --raw {input.raw:q} --random {input.random:q}"
+        " --theta {params.theta} --target-fnr {params.target_fnr} --theta-sweep {params.theta_sweep}"
+        " --persistence {params.persistence} --n-boot {params.n_boot}"
+        " --drift-table {output.drift:q} --metrics {output.metrics:q} --predictions {output.predictions:q}"
+        " --monitor {output.monitor:q} --baselines {output.baselines:q} --correlations {output.correlations:q}"
+        " --axis {output.axis:q} --early-warning {output.early_warning:q} --theta-sweep-table {output.theta_sweep:q}"
+        " --figure-drift {output.drift_figure:q} --figure-loadings {output.loadings:q}"
+        " --figure-scatter {output.scatter:q} --figure-roc {output.roc:q} --figure-alarms {output.alarms:q}"
+        " --figure-comparison {output.comparison:q} > {log:q} 2>&1"
 
 
 rule monitor_bundle:
@@ -82,7 +92,7 @@ rule monitor_bundle:
         model=f"{RES}/models/{{model}}",
         directions=model_directions,
         traits=trait_files,
-        monitor=f"{RES}/analysis/monitor/monitor.pkl",
+        monitor=f"{RES}/analysis/monitor/monitor.json",
     output:
         bundle=f"{RES}/analysis/{{model}}/monitor_bundle.pkl",
     params:
