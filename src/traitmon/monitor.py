@@ -9,7 +9,7 @@ reaches ``theta``; the alarm threshold is set on inner out-of-fold scores for a 
 
 from __future__ import annotations
 
-import pickle
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +66,8 @@ def _fit(pipeline, x: np.ndarray, em_rate: np.ndarray, theta: float):
 
 
 def _score(model, x: np.ndarray) -> np.ndarray:
+    if isinstance(model, _LinearScorer):
+        return model.score(x)
     if isinstance(model.steps[-1][1], LogisticRegression):
         return model.predict_proba(x)[:, 1]
     return model.predict(x)
@@ -114,20 +116,72 @@ class FittedMonitor:
             raise TraitmonError(f"table lacks the monitor's features {missing}")
         return _score(self.pipeline, table[self.features].to_numpy(float))
 
+    def to_dict(self) -> dict:
+        """Plain, JSON-serialisable data: standardisation, optional PCA, linear weights, link, threshold."""
+        if isinstance(self.pipeline, _LinearScorer):
+            return {**self.pipeline.arrays, "features": self.features, "regressor": self.regressor,
+                    "threshold": self.threshold, "theta": self.theta, "target_fnr": self.target_fnr, "info": self.info}
+        steps = [step for _, step in self.pipeline.steps]
+        scaler, final = steps[0], steps[-1]
+        pca = next((s.pca_ for s in steps if isinstance(s, CappedPCA)), None)
+        logistic = isinstance(final, LogisticRegression)
+        return {"features": list(self.features), "regressor": self.regressor,
+                "scaler_mean": scaler.mean_.tolist(), "scaler_scale": scaler.scale_.tolist(),
+                "pca_mean": pca.mean_.tolist() if pca is not None else None,
+                "pca_components": pca.components_.tolist() if pca is not None else None,
+                "coef": np.ravel(final.coef_).tolist(), "intercept": float(np.ravel(final.intercept_)[0]),
+                "link": "logistic" if logistic else "identity", "calibration": None,
+                "threshold": float(self.threshold), "theta": float(self.theta), "target_fnr": float(self.target_fnr),
+                "info": self.info}
+
+    @staticmethod
+    def from_dict(d: dict) -> FittedMonitor:
+        try:
+            arrays = {k: d[k] for k in _LinearScorer.KEYS}
+            return FittedMonitor(list(d["features"]), str(d["regressor"]), _LinearScorer(arrays),
+                                 float(d["threshold"]), float(d["theta"]), float(d["target_fnr"]), dict(d["info"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TraitmonError(f"not a traitmon monitor: {type(exc).__name__}: {exc}") from None
+
     def save(self, path: str | Path) -> None:
         from traitmon.io import atomic_path
 
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            pickle.dump({"traitmon_version": traitmon.__version__, "monitor": self}, fh)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"traitmon_version": traitmon.__version__, "monitor": self.to_dict()}, indent=1))
 
     @staticmethod
     def load(path: str | Path) -> FittedMonitor:
-        with open(path, "rb") as fh:
-            blob = pickle.load(fh)
-        if blob.get("traitmon_version", "").split(".")[:2] != traitmon.__version__.split(".")[:2]:
+        """Read a monitor saved by ``save`` (JSON: data only, nothing is executed)."""
+        try:
+            blob = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TraitmonError(f"{path}: not a traitmon monitor (JSON expected): {type(exc).__name__}") from None
+        if not isinstance(blob, dict) or "monitor" not in blob:
+            raise TraitmonError(f"{path}: not a traitmon monitor")
+        if str(blob.get("traitmon_version", "")).split(".")[:2] != traitmon.__version__.split(".")[:2]:
             raise TraitmonError(f"{path}: monitor saved by traitmon {blob.get('traitmon_version')}, "
                                 f"this is {traitmon.__version__}; refit it")
-        return blob["monitor"]
+        try:
+            return FittedMonitor.from_dict(blob["monitor"])
+        except TraitmonError as exc:
+            raise TraitmonError(f"{path}: {exc}") from None
+
+
+class _LinearScorer:
+    """Scores from plain arrays (what ``FittedMonitor.to_dict`` keeps); no sklearn object needed."""
+
+    KEYS = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components", "coef", "intercept", "link", "calibration")
+
+    def __init__(self, arrays: dict):
+        self.arrays = arrays
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        a = self.arrays
+        z = (x - np.asarray(a["scaler_mean"], float)) / np.asarray(a["scaler_scale"], float)
+        if a["pca_components"] is not None:
+            z = (z - np.asarray(a["pca_mean"], float)) @ np.asarray(a["pca_components"], float).T
+        s = z @ np.asarray(a["coef"], float) + float(a["intercept"])
+        return 1.0 / (1.0 + np.exp(-s)) if a["link"] == "logistic" else s
 
 
 def fit_monitor(x: np.ndarray, em_rate: np.ndarray, groups: np.ndarray, theta: float, target_fnr: float,
