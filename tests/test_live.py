@@ -164,6 +164,7 @@ def test_bundle_is_a_folder_of_plain_data_and_scores_the_same(bundle_setup, tiny
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
     assert meta["format_version"] == 1 and meta["traits"] == TRAITS and meta["prompt_ids"] == bundle.prompt_ids
     assert meta["monitor"]["features"] == [f"drift_{t}" for t in TRAITS] and "coef" in meta["monitor"]
+    (tmp_path / "b" / ".snakemake_timestamp").touch()  # what Snakemake adds to a directory output
     loaded = MonitorBundle.load(tmp_path / "b")
     np.testing.assert_array_equal(loaded.base_projection, bundle.base_projection)
     model, tok = load_model(tiny_model_dir)

@@ -28,6 +28,7 @@ FORMAT = "traitmon-monitor-bundle"
 FORMAT_VERSION = 1
 JSON_FILE, ARRAYS_FILE = "bundle.json", "arrays.safetensors"
 ARRAY_NAMES = ("directions", "base_projection")
+IGNORED = (".snakemake_timestamp",)  # Snakemake marks directory outputs with it; never read
 
 
 @dataclass
@@ -116,7 +117,7 @@ def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise TraitmonError(f"{path}: not a monitor bundle folder (a bundle is a folder with {JSON_FILE} and "
                             f"{ARRAYS_FILE}; old single-file bundles hold Python objects and are never loaded: rebuild it)")
-    extra = sorted(p.name for p in path.iterdir() if p.name not in (JSON_FILE, ARRAYS_FILE))
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (JSON_FILE, ARRAYS_FILE, *IGNORED))
     if extra:
         raise TraitmonError(f"{path}: unexpected file(s) {extra} in a monitor bundle; refusing to load it")
     for name in (JSON_FILE, ARRAYS_FILE):
