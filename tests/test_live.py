@@ -267,3 +267,16 @@ def test_watch_on_a_missing_run_folder_fails_at_once_naming_it(bundle_setup, tin
         assert main(["watch", str(missing), "--model-dir", str(tiny_model_dir), "--bundle", str(tmp_path / "b"),
                      *extra]) == 2
         assert str(missing) in capsys.readouterr().err
+
+
+def test_callback_warns_when_the_model_dtype_is_not_the_bundles(bundle_setup, tiny_model_dir):
+    import dataclasses
+    from types import SimpleNamespace
+
+    bundle = dataclasses.replace(bundle_setup[0], model_dtype="bfloat16")
+    model, tok = load_model(tiny_model_dir, "float32")
+    callback = TraitMonitorCallback(bundle, tok, every=1)
+    state, control = SimpleNamespace(global_step=1, log_history=[]), SimpleNamespace(should_training_stop=False)
+    with pytest.warns(UserWarning, match="bundle's base reference was measured in torch.bfloat16"):
+        callback.on_step_end(None, state, control, model=model)
+    assert len(callback.history) == 1

@@ -36,6 +36,8 @@ class TraitMonitorCallback(TrainerCallback):
     def _check(self, state, control, model) -> None:
         if model is None or state.global_step == self._last_step:
             return
+        if self._last_step < 0:
+            self._warn_on_dtype(model)
         self._last_step = state.global_step
         t0 = time.perf_counter()
         result = {"step": int(state.global_step), **self.bundle.score(model, self.tokenizer)}
@@ -54,6 +56,19 @@ class TraitMonitorCallback(TrainerCallback):
             warnings.warn(message, stacklevel=2)
             if self.stop_on_alarm:
                 control.should_training_stop = True
+
+    def _warn_on_dtype(self, model) -> None:
+        """The base projections were measured in the bundle's dtype: a model in another dtype drifts by the
+        rounding difference alone (in bf16 that can exceed an early finetune's real drift)."""
+        from traitmon.hooks import find_decoder
+        from traitmon.models import resolve_dtype
+
+        param = next(find_decoder(model).parameters())
+        expected = resolve_dtype(self.bundle.model_dtype, param.device)
+        if param.dtype != expected:
+            warnings.warn(f"traitmon: the model is in {param.dtype} but the bundle's base reference was measured "
+                          f"in {expected} (model dtype '{self.bundle.model_dtype}'): load the base in that dtype "
+                          "to compare drift with the workflow's", stacklevel=3)
 
     def _append(self, result: dict) -> None:
         import xarray as xr
