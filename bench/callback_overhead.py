@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from common import SHAPES, device_name
 
+from traitmon import MonitorBundle, TraitMonitorCallback
 from traitmon.capture import measurement_prompts
-from traitmon.live import MonitorBundle, TraitMonitorCallback
 from traitmon.models import build_tiny_tokenizer
 from traitmon.traits import load_traits
 
@@ -47,9 +47,10 @@ def main() -> None:
         model = LlamaForCausalLM(config).to(device)
         n_layers = config.num_hidden_layers
         layers = [n_layers // 2] * 7
-        bundle = MonitorBundle("bench", "", list(traits), layers,
-                               np.random.default_rng(0).normal(size=(7, config.hidden_size)).astype(np.float32),
-                               ids, chats, reference, "response_mean", np.zeros((len(ids), 7), np.float32))
+        directions = np.random.default_rng(0).normal(size=(7, config.hidden_size)).astype(np.float32)
+        bundle = MonitorBundle(model_key="bench", model_hash="", traits=list(traits), layers=layers,
+                               directions=directions, prompt_ids=ids, chats=chats, reference=reference,
+                               variant="response_mean", base_projection=np.zeros((len(ids), 7), np.float32))
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM", target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
         row = [3 + i % 200 for i in range(args.seq)]  # byte-level vocabulary

@@ -2,7 +2,8 @@
 Trainer, and watch it with traitmon's in-training monitor.
 
 Needs the embedded default study to have run first (`snakemake --cores 2`): it reads the monitor bundle
-`results/analysis/{model}/monitor_bundle.pkl` (directions, base reference, measurement prompts, fitted monitor).
+the folder `results/analysis/{model}/monitor_bundle/` (directions, base reference, measurement prompts, fitted
+monitor; plain JSON + safetensors).
 
     .venv/bin/python examples/finetune_with_callback.py --steps 40 --every 5
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from traitmon import MonitorBundle, TraitMonitorCallback
 from traitmon.finetune import collate, encode_for_training
-from traitmon.live import MonitorBundle, TraitMonitorCallback
 from traitmon.models import load_model
 from traitmon.perturbations import load_domain, written_rows
 
@@ -41,8 +42,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     results = Path(args.results)
-    model, tok = load_model(results / "models" / args.model)
-    bundle = MonitorBundle.load(results / "analysis" / args.model / "monitor_bundle.pkl", model=model)
+    bundle = MonitorBundle.load(results / "analysis" / args.model / "monitor_bundle")
+    model, tok = load_model(results / "models" / args.model, bundle.model_dtype)  # the dtype the bundle measured in
+    bundle.check_model(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]))

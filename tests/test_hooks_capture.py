@@ -115,3 +115,31 @@ def test_steering_adds_the_vector_at_the_index(tiny_model):
     # the hook is gone afterwards
     torch.testing.assert_close(capture_batch(model, batch, [1])["last_prompt"],
                                capture_batch(model, batch, [1])["last_prompt"])
+
+
+def test_left_padded_rows_see_the_positions_they_see_alone(tiny_model):
+    """Under left padding each prompt's real tokens must sit at positions 0..n-1, as when it runs alone (the
+    rotary embedding sees absolute positions: in bf16 shifted positions round differently)."""
+    model, tok = tiny_model
+    chats = [CHATS[0], [{"role": "user", "content": "Hi"}]]
+    answers = [ANSWERS[0] * 3, "Ok."]  # very different lengths: row 1 is heavily padded
+    seen = []
+
+    def record(_module, args, kwargs):
+        seen.append((kwargs.get("position_ids") if "position_ids" in kwargs else args[1]).clone())
+
+    decoder = model.model
+    handle = decoder.rotary_emb.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        batch = encode_chats(tok, chats, answers)
+        together = capture_batch(model, batch, [1, 2])
+        alone = [capture_batch(model, encode_chats(tok, [c], [a]), [1, 2]) for c, a in zip(chats, answers)]
+    finally:
+        handle.remove()
+    positions = seen[0].expand(2, -1)
+    for b in range(2):
+        real = batch.attention_mask[b].bool()
+        assert positions[b, real].tolist() == list(range(int(real.sum())))
+        assert seen[1 + b][0].tolist() == list(range(int(real.sum())))
+        for key in ("response_mean", "last_prompt"):
+            torch.testing.assert_close(together[key][b], alone[b][key][0], atol=1e-5, rtol=1e-4)

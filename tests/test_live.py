@@ -1,5 +1,6 @@
 """The live monitor: bundle, Trainer callback and checkpoint watcher, on a tiny random model."""
 
+import json
 import shutil
 import threading
 import time
@@ -8,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from traitmon import MonitorBundle, TraitMonitorCallback, build_bundle, complete_checkpoints, watch
 from traitmon.capture import capture_dataset
 from traitmon.config import validate_config
 from traitmon.directions import extract_trait_direction
-from traitmon.drift import load_directions, project
+from traitmon.drift import drift_scale, load_directions, project
 from traitmon.errors import TraitmonError
 from traitmon.io import data_path
-from traitmon.live import MonitorBundle, TraitMonitorCallback, build_bundle, complete_checkpoints, watch
 from traitmon.models import build_random_model, load_model
 from traitmon.store import write_dataset
 from traitmon.traits import load_traits
@@ -45,7 +46,8 @@ def offline_drift(model_dir, adapter, bundle, direction_paths):
         model, tok = load_model(model_dir, adapter=adp)
         ds = capture_dataset(model, tok, bundle.prompt_ids, bundle.chats, bundle.reference, None, 8, "float32", {})
         out[name] = project(ds["response_mean"], dirs)
-    return (out["ckpt"] - out["base"]).mean("prompt").values
+    scale = drift_scale(out["base"].transpose("prompt", "trait").values)  # the drift table's base-spread units
+    return ((out["ckpt"] - out["base"]) / scale).mean("prompt").values
 
 
 def test_callback_logs_the_same_drift_as_offline_capture(tiny_model_dir, bundle_setup, tmp_path):
@@ -87,18 +89,19 @@ def test_callback_logs_the_same_drift_as_offline_capture(tiny_model_dir, bundle_
 
 def test_bundle_round_trip_and_refusal(bundle_setup, tiny_model, tmp_path):
     bundle, _, _ = bundle_setup
-    bundle.save(tmp_path / "b.pkl")
+    bundle.save(tmp_path / "b")
     model, _ = tiny_model
-    loaded = MonitorBundle.load(tmp_path / "b.pkl", model=model)
+    loaded = MonitorBundle.load(tmp_path / "b", model=model)
     np.testing.assert_array_equal(loaded.directions, bundle.directions)
     other, _ = build_random_model({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
                                    "num_attention_heads": 4, "num_key_value_heads": 2, "seed": 99})
     with pytest.raises(TraitmonError, match="bundle built for model 'tiny'"):
-        MonitorBundle.load(tmp_path / "b.pkl", model=other)
-    loaded.traitmon_version = "9.9.0"
-    loaded.save(tmp_path / "old.pkl")
+        MonitorBundle.load(tmp_path / "b", model=other)
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(TraitmonError, match="rebuild it"):
-        MonitorBundle.load(tmp_path / "old.pkl")
+        MonitorBundle.load(tmp_path / "b")
 
 
 def test_watch_scores_complete_checkpoints_and_waits_for_half_written_ones(tiny_model_dir, bundle_setup, tmp_path):
@@ -136,8 +139,146 @@ def test_watch_scores_complete_checkpoints_and_waits_for_half_written_ones(tiny_
         (half / "adapter_model.safetensors").write_bytes(blob)
 
     threading.Thread(target=finish_later).start()
-    results = watch(run, tiny_model_dir, bundle, interval=0.3, timeout=4, printer=lines.append)
+    # generous timeout (a loaded machine scores slowly); polling ends as soon as both checkpoints are scored
+    results = watch(run, tiny_model_dir, bundle, interval=0.3, timeout=300, max_checkpoints=2, printer=lines.append)
     assert "checkpoint-4" in [r["checkpoint"] for r in results]
     sizes = {}
     complete_checkpoints(run, sizes)
     assert len(complete_checkpoints(run, sizes)) == 2
+
+
+def _fitted_monitor():
+    from traitmon.monitor import candidates, fit_monitor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2))
+    em_rate = np.clip(0.1 + 0.1 * x[:, 0], 0, 1)
+    return fit_monitor(x, em_rate, np.repeat(np.arange(4), 10), 0.1, 0.05, candidates(),
+                       [f"drift_{t}" for t in TRAITS])
+
+
+def test_bundle_is_a_folder_of_plain_data_and_scores_the_same(bundle_setup, tiny_model_dir, tmp_path):
+    import dataclasses
+
+    bundle = dataclasses.replace(bundle_setup[0], monitor=_fitted_monitor())
+    bundle.save(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["arrays.safetensors", "bundle.json"]
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert meta["format_version"] == 1 and meta["traits"] == TRAITS and meta["prompt_ids"] == bundle.prompt_ids
+    assert meta["monitor"]["features"] == [f"drift_{t}" for t in TRAITS] and "coef" in meta["monitor"]
+    (tmp_path / "b" / ".snakemake_timestamp").touch()  # what Snakemake adds to a directory output
+    loaded = MonitorBundle.load(tmp_path / "b")
+    np.testing.assert_array_equal(loaded.base_projection, bundle.base_projection)
+    model, tok = load_model(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    expected, got = bundle.score(model, tok), loaded.score(model, tok)
+    assert got.keys() == expected.keys() and "monitor_score" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9)
+
+
+class _Payload:
+    """What a crafted single-file bundle carried: unpickling it runs code (here: writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def _payload_bytes(marker) -> bytes:
+    import pickle
+
+    return pickle.dumps(_Payload(marker))
+
+
+def test_a_bundle_carrying_a_pickle_payload_is_refused_not_executed(bundle_setup, tiny_model_dir, tmp_path, capsys):
+    from traitmon.cli import main
+    from traitmon.monitor import FittedMonitor
+
+    marker = tmp_path / "PWNED"
+    blob = _payload_bytes(marker)
+    single = tmp_path / "evil.pkl"
+    single.write_bytes(blob)
+    attempts = {"single file": single}
+    for name, replace in (("json", "bundle.json"), ("arrays", "arrays.safetensors"), ("extra", "evil.pkl")):
+        folder = tmp_path / name
+        bundle_setup[0].save(folder)
+        (folder / replace).write_bytes(blob)
+        attempts[name] = folder
+    for what, path in attempts.items():
+        with pytest.raises(TraitmonError) as err:
+            MonitorBundle.load(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value), what
+    with pytest.raises(TraitmonError, match="evil.pkl"):
+        FittedMonitor.load(single)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["watch", str(run), "--model-dir", str(tiny_model_dir), "--bundle", str(single), "--once"]) == 2
+    assert str(single) in capsys.readouterr().err
+    assert not marker.exists()  # the payload never ran
+
+
+def test_truncated_or_foreign_bundle_is_a_one_line_error_naming_the_path(bundle_setup, tmp_path):
+    from safetensors.numpy import save_file
+
+    bundle = bundle_setup[0]
+
+    def broken(name, damage):
+        folder = tmp_path / name
+        bundle.save(folder)
+        damage(folder)
+        return folder
+
+    def wrong_shape(folder):
+        save_file({"directions": bundle.directions, "base_projection": bundle.base_projection[:-1]},
+                  str(folder / "arrays.safetensors"))
+
+    def truncate(folder):
+        data = (folder / "arrays.safetensors").read_bytes()
+        (folder / "arrays.safetensors").write_bytes(data[: len(data) // 2])
+
+    cases = {
+        "missing": (broken("missing", lambda f: (f / "arrays.safetensors").unlink()), "arrays.safetensors is missing"),
+        "bad json": (broken("badjson", lambda f: (f / "bundle.json").write_text("{not json")), "not valid JSON"),
+        "foreign": (broken("foreign", lambda f: (f / "bundle.json").write_text('{"a": 1}')), "not a traitmon"),
+        "truncated": (broken("truncated", truncate), "not a readable safetensors"),
+        "wrong shape": (broken("shape", wrong_shape), "base_projection has shape"),
+        "no such": (tmp_path / "nowhere", "no such monitor bundle"),
+    }
+    for what, (path, message) in cases.items():
+        with pytest.raises(TraitmonError, match=message) as err:
+            MonitorBundle.load(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value), what
+
+
+def test_watch_on_a_missing_run_folder_fails_at_once_naming_it(bundle_setup, tiny_model_dir, tmp_path, capsys):
+    from traitmon.cli import main
+
+    bundle = bundle_setup[0]
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(TraitmonError, match="no-such-run"):
+        watch(missing, tiny_model_dir, bundle, once=True)
+    with pytest.raises(TraitmonError, match="no-such-run"):
+        watch(missing, tiny_model_dir, bundle, interval=0.1, timeout=1.0)  # polling: used to poll forever
+    bundle.save(tmp_path / "b")
+    for extra in (["--once"], ["--interval", "0.1"]):
+        assert main(["watch", str(missing), "--model-dir", str(tiny_model_dir), "--bundle", str(tmp_path / "b"),
+                     *extra]) == 2
+        assert str(missing) in capsys.readouterr().err
+
+
+def test_callback_warns_when_the_model_dtype_is_not_the_bundles(bundle_setup, tiny_model_dir):
+    import dataclasses
+    from types import SimpleNamespace
+
+    bundle = dataclasses.replace(bundle_setup[0], model_dtype="bfloat16")
+    model, tok = load_model(tiny_model_dir, "float32")
+    callback = TraitMonitorCallback(bundle, tok, every=1)
+    state, control = SimpleNamespace(global_step=1, log_history=[]), SimpleNamespace(should_training_stop=False)
+    with pytest.warns(UserWarning, match="bundle's base reference was measured in torch.bfloat16"):
+        callback.on_step_end(None, state, control, model=model)
+    assert len(callback.history) == 1

@@ -11,10 +11,17 @@ __version__ = "0.1.0"
 LAYER_CONVENTION = "hidden_states indexing: 0 = embeddings, i = output of decoder block i-1, L = after final norm"
 
 
-def __getattr__(name: str):
-    # traitmon.TraitMonitorCallback without importing transformers on every `import traitmon`
-    if name in ("TraitMonitorCallback", "MonitorBundle"):
-        from traitmon import live
+# Public names loaded on first use: ``import traitmon`` stays light (no torch/transformers import).
+_LAZY = {"MonitorBundle": "bundle", "build_bundle": "bundle", "model_fingerprint": "bundle",
+         "TraitMonitorCallback": "callbacks", "watch": "watcher", "complete_checkpoints": "watcher"}
 
-        return getattr(live, name)
-    raise AttributeError(name)
+__all__ = ["LAYER_CONVENTION", "MonitorBundle", "TraitMonitorCallback", "__version__", "build_bundle",
+           "complete_checkpoints", "model_fingerprint", "watch"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"traitmon.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'traitmon' has no attribute {name!r}")

@@ -99,9 +99,11 @@ def capture_batch(model, batch: ChatBatch, layers: list[int]) -> dict[str, torch
             raise _StopForward
 
     decoder = find_decoder(model)
+    # left padding: real tokens start at position 0 in every row, as when each prompt runs alone
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
     with record_layers(model, layers, pool):
         try:
-            decoder(input_ids=input_ids, attention_mask=attn, use_cache=False)
+            decoder(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False)
         except _StopForward:
             pass
     out_mean[(n_resp.squeeze(-1) == 0).cpu()] = float("nan")

@@ -322,26 +322,30 @@ def _monitor_apply(args) -> None:
 
 
 def cmd_bundle(args) -> None:
-    from traitmon.live import build_bundle
+    from traitmon.bundle import build_bundle
     from traitmon.models import load_model
 
     _set_threads(args.threads)
-    model, tok = load_model(args.model_dir)
+    model, tok = load_model(args.model_dir, args.dtype)
     bundle = build_bundle(model, tok, args.model_key, args.directions, args.trait_file, args.per_trait_questions,
-                          args.variant, args.monitor)
+                          args.variant, args.monitor, args.batch_size, args.dtype)
     bundle.save(args.out)
 
 
 def cmd_watch(args) -> None:
-    from traitmon.live import MonitorBundle, watch
+    from traitmon.bundle import MonitorBundle
     from traitmon.models import load_model
+    from traitmon.watcher import watch
 
     _set_threads(args.threads)
-    base, _ = load_model(args.model_dir)
-    bundle = MonitorBundle.load(args.bundle, model=base)
+    if not Path(args.run_dir).is_dir():  # before loading anything: a watcher of nothing must not look quiet
+        raise TraitmonError(f"{args.run_dir}: no such run folder")
+    bundle = MonitorBundle.load(args.bundle)
+    base, _ = load_model(args.model_dir, args.dtype or bundle.model_dtype)
+    bundle.check_model(base, args.bundle)
     del base
-    watch(args.run_dir, args.model_dir, bundle, once=args.once, interval=args.interval,
-          printer=lambda line: print(line, flush=True))
+    watch(args.run_dir, args.model_dir, bundle, once=args.once, interval=args.interval, timeout=args.timeout,
+          dtype=args.dtype, max_checkpoints=args.max_checkpoints, printer=lambda line: print(line, flush=True))
 
 
 def cmd_judge_agreement(args) -> None:
@@ -527,24 +531,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor", help="apply: a saved monitor (monitor.json)")
     p.set_defaults(func=cmd_monitor)
 
-    p = sub.add_parser("bundle", help="save a monitor bundle (directions, base reference, prompts, monitor)")
+    p = sub.add_parser("bundle", help="save a monitor bundle folder (directions, base reference, prompts, monitor)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--model-key", required=True)
     p.add_argument("--directions", nargs="+", required=True)
     p.add_argument("--trait-file", nargs="+", required=True)
     p.add_argument("--per-trait-questions", type=int, default=4)
     p.add_argument("--variant", default="response_mean", choices=["response_mean", "last_prompt"])
-    p.add_argument("--monitor", help="a saved monitor (results/analysis/monitor/monitor.pkl)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--monitor", help="a saved monitor (JSON, from `traitmon monitor --save-monitor`)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the model's dtype in the config; the bundle loads the base in it to score")
+    p.add_argument("--batch-size", type=int, default=16, help="the config's capture batch size")
+    p.add_argument("--out", required=True, help="the bundle folder to write")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("watch", help="score peft checkpoints as they appear in a run folder")
     p.add_argument("run_dir")
     p.add_argument("--model-dir", required=True, help="the converted base model")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="a bundle folder from `traitmon bundle`")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="load the base in this dtype (default: the bundle's)")
     p.add_argument("--once", action="store_true", help="score what is there and exit")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
+    p.add_argument("--timeout", type=float, help="stop polling after this many seconds")
+    p.add_argument("--max-checkpoints", type=int, help="stop once this many checkpoints are scored")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_watch)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -87,8 +88,8 @@ def build_random_model(random_cfg: dict):
     cfg.pop("architecture", "llama")
     seed = cfg.pop("seed", 0)
     tok = build_tiny_tokenizer()
-    defaults = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    defaults = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 512, "tie_word_embeddings": True}
     defaults.update(cfg)
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **defaults)
@@ -170,15 +171,55 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = 
     return model, tok
 
 
-def attach_adapter(model, adapter: str | Path, merge: bool = True):
-    """Apply a peft LoRA adapter. Merged by default: capture then costs a plain forward pass."""
+def attach_adapter(model, adapter: str | Path, merge: bool = False):
+    """Apply a peft LoRA adapter, unmerged by default: merging into bfloat16 weights rounds away early updates
+    (at a small learning rate they are about one bf16 step), so capture, ``watch`` and the training callback
+    all compute base + adapter the way training did. Only ``adapter_model.safetensors`` is read."""
     from peft import PeftModel
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise TraitmonError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
-    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise TraitmonError(f"{adapter}: no adapter_model.safetensors (other weight formats are not loaded)")
+    check_adapter_shapes(model, adapter)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except RuntimeError as exc:  # a mismatch the header check did not see: keep the first line only
+        first = str(exc).strip().splitlines()
+        raise TraitmonError(f"{adapter}: does not fit this base model: {first[-1].strip() if first else exc}") from None
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _adapter_shapes(weights: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return {key: list(fh.get_slice(key).get_shape()) for key in fh.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign file: one line naming it
+        raise TraitmonError(f"{weights}: not a readable safetensors file ({type(exc).__name__})") from None
+
+
+def check_adapter_shapes(model, adapter: str | Path) -> None:
+    """Refuse, in one line naming the adapter and the shapes, an adapter trained for another base shape."""
+    adapter = Path(adapter)
+    modules = dict(model.named_modules())
+    for key, shape in _adapter_shapes(adapter / "adapter_model.safetensors").items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+        if match is None or len(shape) != 2:
+            continue
+        name, part = match.groups()
+        weight = getattr(modules.get(name), "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise TraitmonError(f"{adapter}: adapter was trained for another model: it targets '{name}', "
+                                f"which this base model lacks")
+        out_features, in_features = weight.shape
+        fits = shape[1] == in_features if part == "A" else shape[0] == out_features
+        if not fits:
+            raise TraitmonError(f"{adapter}: adapter was trained for another base shape: {key} has shape "
+                                f"{tuple(shape)}, but '{name}' in this model is (out {out_features}, in "
+                                f"{in_features})")
 
 
 def model_info(model_dir: str | Path) -> dict:

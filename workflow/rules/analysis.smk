@@ -94,10 +94,12 @@ rule monitor_bundle:
         traits=trait_files,
         monitor=f"{RES}/analysis/monitor/monitor.json",
     output:
-        bundle=f"{RES}/analysis/{{model}}/monitor_bundle.pkl",
+        bundle=directory(f"{RES}/analysis/{{model}}/monitor_bundle"),
     params:
         per_trait=config["capture"]["per_trait_questions"],
         variant=config["analysis"]["variant"],
+        batch_size=config["capture"]["batch_size"],
+        dtype=model_dtype,
     log:
         f"{RES}/logs/analysis/{{model}}/bundle.log",
     threads: THREADS
@@ -108,6 +110,8 @@ rule monitor_bundle:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon bundle --model-dir {input.model} --model-key {wildcards.model} --directions {input.directions}"
-        " --trait-file {input.traits} --per-trait-questions {params.per_trait} --variant {params.variant}"
-        " --monitor {input.monitor} --out {output.bundle} --threads {threads} > {log} 2>&1"
+        "traitmon bundle --model-dir {input.model:q} --model-key {wildcards.model:q}"
+        " --directions {input.directions:q} --trait-file {input.traits:q}"
+        " --per-trait-questions {params.per_trait:q} --variant {params.variant:q} --monitor {input.monitor:q}"
+        " --dtype {params.dtype:q} --batch-size {params.batch_size:q} --out {output.bundle:q}"
+        " --threads {threads} > {log:q} 2>&1"

@@ -68,7 +68,7 @@ def behavior_targets():
 
 
 def analysis_targets():
-    return [f"{RES}/analysis/monitor/metrics.json"] + expand(f"{RES}/analysis/{{model}}/monitor_bundle.pkl", model=MODELS)
+    return [f"{RES}/analysis/monitor/metrics.json"] + expand(f"{RES}/analysis/{{model}}/monitor_bundle", model=MODELS)
 
 
 def all_targets():
