@@ -145,3 +145,13 @@ def test_snakemake_floor_and_conda_env_match_pyproject():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert [d for d in pip if not d.startswith("-e")] == project["dependencies"]
     assert re.search(r"--sdm conda", (REPO / "envs/traitmon.yaml").read_text())
+
+
+def test_results_readme_lists_every_output_folder():
+    import re
+
+    rules = "".join(p.read_text() for p in (REPO / "workflow/rules").glob("*.smk"))
+    folders = set(re.findall(r"\{RES\}/([a-z_]+)", rules))
+    readme = (REPO / "results/README.md").read_text()
+    assert len(folders) >= 10
+    assert {f for f in folders if f"`{f}/" not in readme} == set()
