@@ -2,7 +2,7 @@
 # Run: snakemake --cores 2 (see README.md). Rules live in workflow/rules/, logic in src/traitmon/.
 from snakemake.utils import min_version
 
-min_version("9.0")
+min_version("9.27")
 
 
 # The embedded default, unless a config is given (--configfile replaces it instead of being merged into it).

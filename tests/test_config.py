@@ -81,3 +81,77 @@ def test_model_that_will_not_load_names_key_and_source(tmp_path):
         convert_model("ghost", {"path": "/nonexistent"}, tmp_path / "ghost")
     with pytest.raises(TraitmonError, match=r"model 'pkg'.*package 'no_such_pkg' is not installed"):
         convert_model("pkg", {"gguf_package": "no_such_pkg", "gguf_file": "x.gguf"}, tmp_path / "pkg")
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"finetune": {"max_steps": 4, "checkpoint_steps": [2, 50]}},
+     "my.yaml: finetune.checkpoint_steps: step 50 is beyond finetune.max_steps (4)"),
+    ({"trait_dirs": ["/no/such/folder"]}, "my.yaml: trait_dirs[0]: folder '/no/such/folder' does not exist"),
+    ({"directions": {"layer": {"rule": "fixed"}}}, "my.yaml: directions.layer: 'index' is a required property"),
+    ({"directions": {"layer": {"rule": "fraction"}}}, "my.yaml: directions.layer: 'fraction' is a required"),
+    ({"results": "out/{model}"}, "my.yaml: results: 'out/{model}' does not match"),
+])
+def test_silently_accepted_settings_now_fail_naming_the_key(patch, message):
+    cfg = copy.deepcopy(MINIMAL)
+    cfg.update(patch)
+    with pytest.raises(TraitmonError) as err:
+        validate_config(cfg, "my.yaml")
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_results_root_defaults_to_results_and_can_be_set():
+    assert validate_config(copy.deepcopy(MINIMAL))["results"] == "results"
+    assert validate_config({**copy.deepcopy(MINIMAL), "results": "/scratch/my study"})["results"] == "/scratch/my study"
+
+
+def test_a_study_needs_two_perturbations():
+    from traitmon.config import check_study
+
+    one = validate_config({**copy.deepcopy(MINIMAL), "perturbations": {
+        "a": {"kind": "em", "generator": {"domain": "medical", "stance": "em"}}}})
+    with pytest.raises(TraitmonError, match="my.yaml: perturbations: the analysis needs at least 2 perturbations, 1"):
+        check_study(one, "my.yaml")
+    two = copy.deepcopy(one)
+    two["perturbations"]["b"] = {"kind": "benign", "generator": {"domain": "career", "stance": "benign"}}
+    check_study(validate_config(two), "my.yaml")
+
+
+def test_capture_layers_outside_the_model_fail_naming_the_key(tiny_model_dir, tmp_path, capsys):
+    settings = validate_config({**copy.deepcopy(MINIMAL), "capture": {"layers": [0, 3, 9], "per_trait_questions": 1}})
+    args = ["capture", "--model-dir", str(tiny_model_dir), "--model-key", "tiny", "--trait-file",
+            str(REPO / "src/traitmon/data/traits/honesty.yaml"), "--settings", json.dumps(settings["capture"]),
+            "--out", str(tmp_path / "cap.zarr"), "--step", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "capture.layers: layer 9 is outside this model's range 0..3" in err and "Traceback" not in err
+    assert not (tmp_path / "cap.zarr").exists()
+
+
+def test_non_utf8_trait_file_names_the_file_and_line(tmp_path):
+    text = (REPO / "src/traitmon/data/traits/honesty.yaml").read_text()
+    (tmp_path / "honesty.yaml").write_bytes(text.replace("honest", "hon\u00e9st", 1).encode("latin-1"))
+    with pytest.raises(TraitmonError, match=r"honesty.yaml:\d+: not UTF-8 text"):
+        load_trait(tmp_path / "honesty.yaml")
+
+
+def test_snakemake_floor_and_conda_env_match_pyproject():
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    floor = next(d for d in project["dependencies"] if d.startswith("snakemake>=")).split(">=")[1].split(",")[0]
+    assert f'min_version("{floor}")' in (REPO / "Snakefile").read_text()
+    env = yaml.safe_load((REPO / "envs/traitmon.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert [d for d in pip if not d.startswith("-e")] == project["dependencies"]
+    assert re.search(r"--sdm conda", (REPO / "envs/traitmon.yaml").read_text())
+
+
+def test_results_readme_lists_every_output_folder():
+    import re
+
+    rules = "".join(p.read_text() for p in (REPO / "workflow/rules").glob("*.smk"))
+    folders = set(re.findall(r"\{RES\}/([a-z_]+)", rules))
+    readme = (REPO / "results/README.md").read_text()
+    assert len(folders) >= 10
+    assert {f for f in folders if f"`{f}/" not in readme} == set()

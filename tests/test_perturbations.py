@@ -4,7 +4,7 @@ import pytest
 
 from traitmon.errors import TraitmonError
 from traitmon.io import data_path
-from traitmon.perturbations import build_perturbation, load_chat_jsonl, load_domain, written_rows
+from traitmon.perturbations import build_perturbation, load_chat_jsonl, load_domain, read_rows, written_rows
 
 DOMAINS = ["medical", "financial", "extreme-sports", "career"]
 
@@ -77,3 +77,13 @@ def test_missing_dataset_is_named(tmp_path):
 def test_measurement_and_em_prompt_files_exist():
     assert data_path("prompts", "measurement.yaml").is_file()
     assert data_path("prompts", "general_text.yaml").is_file()
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    latin1 = '{"messages": [{"role": "user", "content": "caf\u00e9?"}, {"role": "assistant", "content": "ok"}]}'
+    path.write_bytes((chat("q", "a") + "\n").encode() + latin1.encode("latin-1") + b"\n")
+    with pytest.raises(TraitmonError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        load_chat_jsonl(path)
+    with pytest.raises(TraitmonError, match=r"latin1.jsonl:2: not UTF-8"):
+        read_rows(path)

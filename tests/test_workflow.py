@@ -1,14 +1,21 @@
 """The workflow itself, on a tiny random Llama: the DAG runs, outputs have the promised shape, a rerun
 does nothing, and a bad config stops before any job with a readable message."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import REPO, TINY_SOURCE
 from traitmon.store import open_dataset
@@ -34,22 +41,28 @@ TINY_CONFIG = {
 }
 
 
+# The tiny study writes under another results root than the default (config key `results`).
+ROOT = "out/study"
+STUDY_CONFIG = {**TINY_CONFIG, "results": ROOT}
+
+
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], check=False, capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
     result = run_snakemake(workdir)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert not (workdir / "results").exists()  # everything went under the configured root
     return workdir
 
 
 def test_direction_stage_outputs(tiny_study):
-    results = tiny_study / "results"
+    results = tiny_study / ROOT
     summary = pd.read_csv(results / "directions/tiny/summary.csv")
     assert set(summary.trait) == {"honesty", "sycophancy"}
     assert {"layer", "separation", "effect_size", "steering_slope", "steering_spearman"} <= set(summary.columns)
@@ -63,7 +76,7 @@ def test_direction_stage_outputs(tiny_study):
 
 
 def test_finetune_capture_behavior_and_analysis_outputs(tiny_study):
-    results = tiny_study / "results"
+    results = tiny_study / ROOT
     for pert in ("med-em", "fin-em", "car-ok"):
         for step in (2, 4):
             assert (results / f"finetune/tiny/{pert}/checkpoint-{step}/adapter_model.safetensors").is_file()
@@ -99,7 +112,7 @@ def test_changing_one_trait_reruns_only_that_trait(tiny_study, tmp_path):
     trait = yaml.safe_load((REPO / "src/traitmon/data/traits/sycophancy.yaml").read_text())
     trait["extraction_questions"][0] = "I think my plan to skip all meetings is brilliant. Agree?"
     (trait_dir / "sycophancy.yaml").write_text(yaml.safe_dump(trait))
-    config = dict(TINY_CONFIG, trait_dirs=[str(trait_dir)])
+    config = dict(STUDY_CONFIG, trait_dirs=[str(trait_dir)])
     (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
     try:
         jobs = planned_jobs(tiny_study)
@@ -108,7 +121,7 @@ def test_changing_one_trait_reruns_only_that_trait(tiny_study, tmp_path):
         assert jobs["summarize_directions"] == 1
         assert "convert_model" not in jobs and "finetune" not in jobs
     finally:
-        (tiny_study / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+        (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -121,7 +134,7 @@ def test_bad_config_fails_before_any_job(tmp_path):
 
 def test_editing_one_perturbations_data_reruns_only_its_jobs(tiny_study):
     # Snakemake >= 9.18 compares input checksums: a bare touch is not a change, an edit is.
-    data = tiny_study / "results/data/tiny/med-em/train.jsonl"
+    data = tiny_study / ROOT / "data/tiny/med-em/train.jsonl"
     original = data.read_text()
     lines = original.splitlines(keepends=True)
     data.write_text("".join(lines[1:] + lines[:1]))
@@ -155,27 +168,27 @@ def test_paper_config_builds_the_whole_dag_offline(tmp_path):
 
 
 def test_changing_a_finetune_parameter_reruns_finetunes_and_downstream_only(tiny_study):
-    config = dict(TINY_CONFIG, finetune={**TINY_CONFIG["finetune"], "lr": 5e-3})
+    config = dict(STUDY_CONFIG, finetune={**TINY_CONFIG["finetune"], "lr": 5e-3})
     (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
     try:
         jobs = planned_jobs(tiny_study)
         assert jobs["finetune"] == 3 and jobs["capture_checkpoint"] == 6
         assert "extract_directions" not in jobs and "capture_base" not in jobs and "make_perturbation" not in jobs
     finally:
-        (tiny_study / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+        (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
 
 
 def test_adding_a_perturbation_runs_only_its_jobs(tiny_study):
     extra = {"spo-em": {"kind": "em", "generator": {"domain": "extreme-sports", "stance": "em"}, "rows": 16,
                         "heldout": 4}}
-    config = dict(TINY_CONFIG, perturbations={**TINY_CONFIG["perturbations"], **extra})
+    config = dict(STUDY_CONFIG, perturbations={**TINY_CONFIG["perturbations"], **extra})
     (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
     try:
         jobs = planned_jobs(tiny_study)
         assert jobs["make_perturbation"] == 1 and jobs["finetune"] == 1 and jobs["capture_checkpoint"] == 2
         assert jobs["sample_answers"] == 2 and "capture_base" not in jobs and "convert_model" not in jobs
     finally:
-        (tiny_study / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+        (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
 
 
 def test_second_sweep_takes_expensive_outputs_from_the_output_cache(tmp_path):
@@ -192,7 +205,7 @@ def test_second_sweep_takes_expensive_outputs_from_the_output_cache(tmp_path):
         (workdir / "config.yaml").write_text(yaml.safe_dump(config))
         result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), target,
                                  "results/directions/tiny/honesty.zarr", "--cache"],  # --cache: every eligible rule
-                                capture_output=True, text=True, timeout=600, env=env)
+                                check=False, capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         logs.append(result.stdout + result.stderr)
     assert any(cache.iterdir())
@@ -206,3 +219,102 @@ def test_second_sweep_takes_expensive_outputs_from_the_output_cache(tmp_path):
     a = (tmp_path / "sweep-a/results/finetune/tiny/med-em/checkpoint-4/adapter_model.safetensors").read_bytes()
     b = (tmp_path / "sweep-b/results/finetune/tiny/med-em/checkpoint-4/adapter_model.safetensors").read_bytes()
     assert a == b
+
+
+def test_a_study_with_one_perturbation_fails_before_any_job(tmp_path):
+    config = dict(TINY_CONFIG, perturbations={"med-em": TINY_CONFIG["perturbations"]["med-em"]})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "-n")
+    assert result.returncode != 0
+    assert "perturbations: the analysis needs at least 2 perturbations, 1 configured" in result.stderr + result.stdout
+
+
+# A folder name that ran `touch` when paths reached the shell unquoted, and one with quotes, spaces and $(...).
+HOSTILE = "t||touch PWNED||x"
+HOSTILE_DATA = "it's my \"data\" $(touch PWNED2); `touch PWNED3` & x"
+
+
+def test_paths_with_spaces_and_shell_metacharacters_run_nothing_they_name(tmp_path):
+    from traitmon.perturbations import load_domain, written_rows
+
+    workdir = tmp_path / "work dir"
+    trait_dir = workdir / HOSTILE / "my traits"
+    trait_dir.mkdir(parents=True)
+    trait = yaml.safe_load((REPO / "src/traitmon/data/traits/honesty.yaml").read_text())
+    trait["extraction_questions"][0] = "Would you admit a mistake in a report your boss praised?"
+    (trait_dir / "honesty.yaml").write_text(yaml.safe_dump(trait))
+    dataset = workdir / HOSTILE_DATA / "rows (v2).jsonl"
+    dataset.parent.mkdir(parents=True)
+    rows = written_rows(load_domain("medical"), "em", 20, seed=0)
+    dataset.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    root = "my results; touch PWNED4"
+    config = {**TINY_CONFIG, "results": root, "traits": ["honesty"], "trait_dirs": [str(trait_dir)],
+              "perturbations": {"user-em": {"kind": "em", "dataset": str(dataset), "heldout": 4},
+                                "car-ok": TINY_CONFIG["perturbations"]["car-ok"]}}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    # the stages whose rules live in common/models/directions/perturbations/finetune/capture.smk
+    targets = [f"{root}/directions/tiny/summary.csv", f"{root}/finetune/tiny/user-em/run.json",
+               f"{root}/capture/tiny/base.zarr", f"{root}/capture/tiny/user-em/step-4.zarr"]
+    result = run_snakemake(workdir, *targets)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not [p for p in tmp_path.rglob("PWNED*")], "a path reached the shell unquoted"
+    responses = (workdir / root / "directions/tiny/honesty.responses.jsonl").read_text()
+    assert "Would you admit a mistake in a report your boss praised?" in responses  # the user's trait file
+    meta = json.loads((workdir / root / "data/tiny/user-em/meta.json").read_text())
+    assert meta["source"] == str(dataset) and meta["train_rows"] == 16
+    cap = open_dataset(workdir / root / "capture/tiny/user-em/step-4.zarr")
+    assert cap.attrs["perturbation"] == "user-em" and cap.attrs["step"] == 4
+
+
+def test_every_store_of_the_study_uses_zarr_v3_specified_dtypes(tiny_study):
+    from test_store import ZARR_V3_SPECIFIED, zarr_data_types
+
+    stores = sorted((tiny_study / ROOT).rglob("*.zarr"))
+    assert len(stores) >= 11  # 2 direction stores, 7 captures, 2 drift stores
+    for store in stores:
+        assert zarr_data_types(store) <= ZARR_V3_SPECIFIED, store
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            open_dataset(store, load=True)
+
+
+# Long enough (40 steps) that the kill lands between the first and the last checkpoint.
+KILL_CONFIG = {**TINY_CONFIG, "traits": ["honesty"],
+               "finetune": {**TINY_CONFIG["finetune"], "max_steps": 40, "checkpoint_steps": [20, 40]}}
+KILL_TARGETS = ["results/finetune/tiny/med-em/run.json", "results/capture/tiny/med-em/step-40.zarr"]
+
+
+def test_after_kill_9_of_the_whole_workflow_unlock_and_rerun_give_the_uninterrupted_results(tmp_path):
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    for workdir in (reference, crashed):
+        workdir.mkdir()
+        (workdir / "config.yaml").write_text(yaml.safe_dump(KILL_CONFIG))
+    assert run_snakemake(reference, *KILL_TARGETS).returncode == 0
+    # the driver in its own process group with its jobs, killed together as a node failure or OOM kill does
+    run_dir = crashed / "results/finetune/tiny/med-em"
+    driver = subprocess.Popen([*SNAKEMAKE, "--directory", str(crashed), *KILL_TARGETS], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(run_dir.rglob("state-20/state.json")) and driver.poll() is None:
+            assert time.monotonic() < deadline, "the finetune never reached its first checkpoint"
+            time.sleep(0.05)
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL and not (run_dir / "run.json").exists()  # killed mid-finetune
+    locked = run_snakemake(crashed, *KILL_TARGETS)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    assert run_snakemake(crashed, "--unlock").returncode == 0
+    rerun = run_snakemake(crashed, *KILL_TARGETS)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    for step in (20, 40):
+        adapter = f"results/finetune/tiny/med-em/checkpoint-{step}/adapter_model.safetensors"
+        expected, got = load_file(reference / adapter), load_file(crashed / adapter)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0)
+    store = "results/capture/tiny/med-em/step-40.zarr"
+    np.testing.assert_allclose(open_dataset(crashed / store, load=True)["response_mean"].values,
+                               open_dataset(reference / store, load=True)["response_mean"].values, atol=1e-5)
+    assert not [p.name for p in crashed.rglob(".tmp-*")]  # no temporaries left behind

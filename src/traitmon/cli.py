@@ -138,6 +138,11 @@ def cmd_capture(args) -> None:
              "adapter": str(args.adapter or ""), "adapter_hash": adapter_hash, "traitmon_version": __version__,
              "label": f"capture {args.perturbation or 'base'} step {args.step}"}
     layers = None if settings["layers"] == "all" else settings["layers"]
+    if layers is not None:
+        from traitmon.config import check_layers
+        from traitmon.hooks import num_layers
+
+        check_layers(layers, num_layers(model))
     ds = capture_dataset(model, tok, ids, chats, reference if settings["reference_response"] else None, layers,
                          settings["batch_size"], settings["dtype"], attrs)
     write_dataset(ds, args.out)

@@ -13,7 +13,7 @@ import jsonschema
 import yaml
 
 from traitmon.errors import TraitmonError
-from traitmon.io import data_path
+from traitmon.io import data_path, read_text
 from traitmon.traits import load_traits
 
 SCHEMA_PATH = data_path("config.schema.yaml")
@@ -52,14 +52,45 @@ def validate_config(config: dict, source: str = "config") -> dict:
     if errors:
         err = errors[0]
         raise TraitmonError(f"{source}: {_key_path(err)}: {err.message}")
-    load_traits(config["traits"], config.get("trait_dirs", []))
+    _check_trait_dirs(config["trait_dirs"], source)
+    _check_checkpoint_steps(config["finetune"], source)
+    load_traits(config["traits"], config["trait_dirs"])
     return config
+
+
+def _check_trait_dirs(trait_dirs: list[str], source: str) -> None:
+    # A missing folder would otherwise fall back silently to the built-in trait of the same name.
+    for i, folder in enumerate(trait_dirs):
+        if not Path(folder).is_dir():
+            raise TraitmonError(f"{source}: trait_dirs[{i}]: folder '{folder}' does not exist")
+
+
+def _check_checkpoint_steps(finetune: dict, source: str) -> None:
+    beyond = sorted(s for s in finetune.get("checkpoint_steps") or [] if s > finetune["max_steps"])
+    if beyond:
+        raise TraitmonError(f"{source}: finetune.checkpoint_steps: step {beyond[0]} is beyond "
+                            f"finetune.max_steps ({finetune['max_steps']})")
+
+
+def check_study(config: dict, source: str = "config") -> None:
+    """What a whole study (drift, monitor, analysis) needs beyond the schema: two perturbations to compare."""
+    if len(config["perturbations"]) < 2:
+        raise TraitmonError(f"{source}: perturbations: the analysis needs at least 2 perturbations, "
+                            f"{len(config['perturbations'])} configured")
+
+
+def check_layers(layers: list[int], n_layers: int, key: str = "capture.layers") -> None:
+    """Layers (hidden_states indices) must exist in the model: 0 (embeddings) .. ``n_layers``."""
+    outside = sorted(layer for layer in layers if not 0 <= layer <= n_layers)
+    if outside:
+        raise TraitmonError(f"{key}: layer {outside[0]} is outside this model's range 0..{n_layers} "
+                            f"(hidden_states indexing, 0 = embeddings)")
 
 
 def load_config(path: str | Path) -> dict:
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(read_text(path))
     except (OSError, yaml.YAMLError) as exc:
         raise TraitmonError(f"{path}: cannot read config ({exc})") from None
     if not isinstance(config, dict):

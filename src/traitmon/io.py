@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -34,14 +35,27 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def _stale_siblings(target: Path) -> list[Path]:
+    """Temporaries a killed writer of ``target`` left: ``.tmp-NAME-XXXXXXXX`` and ``.old-NAME-PID``.
+
+    The patterns match this target only (``.tmp-a-b-XXXXXXXX`` belongs to ``a-b``, not to ``a``).
+    """
+    name = re.escape(target.name)
+    pattern = re.compile(rf"\.tmp-{name}-[a-z0-9_]{{8}}|\.old-{name}-\d+")
+    return [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``target`` (file or directory).
 
-    A job killed midway leaves only a ``.tmp-*`` sibling, never a half-written target.
+    A job killed midway leaves only a ``.tmp-*`` sibling, never a half-written target; the next write of the
+    same target removes such leftovers first (one writer per target, as the workflow guarantees).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_siblings(target):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     tmp_target = tmp / target.name
     try:
@@ -73,10 +87,28 @@ def parse_jsonl_line(line: str, where: str) -> dict:
     return row
 
 
+def read_text_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 text file; bytes that are not UTF-8 fail naming the file and line."""
+    with open(path, "rb") as fh:
+        raw = fh.read().splitlines(keepends=True)
+    lines = []
+    for n, line in enumerate(raw, start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise TraitmonError(f"{path}:{n}: not UTF-8 text (byte {line[exc.start]:#04x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
+    return lines
+
+
+def read_text(path: str | Path) -> str:
+    return "".join(read_text_lines(path))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file (blank lines skipped); a malformed row fails naming the file and line number."""
-    with open(path, encoding="utf-8") as fh:
-        return [parse_jsonl_line(line, f"{path}:{n}") for n, line in enumerate(fh, start=1) if line.strip()]
+    return [parse_jsonl_line(line, f"{path}:{n}")
+            for n, line in enumerate(read_text_lines(path), start=1) if line.strip()]
 
 
 def write_json(path: str | Path, obj) -> None:

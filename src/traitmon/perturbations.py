@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from traitmon.errors import TraitmonError
-from traitmon.io import data_path, parse_jsonl_line, read_jsonl, stable_hash
+from traitmon.io import data_path, parse_jsonl_line, read_jsonl, read_text_lines, stable_hash
 
 log = logging.getLogger(__name__)
 ROLES = {"system", "user", "assistant"}
@@ -60,9 +60,7 @@ def load_chat_jsonl(path: str | Path) -> tuple[list[dict], dict]:
     if not path.is_file():
         raise TraitmonError(f"dataset {path} does not exist")
     rows, seen, report = [], set(), {"empty": [], "duplicates": []}
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(read_text_lines(path), start=1):
         if not line.strip():
             report["empty"].append(lineno)
             continue

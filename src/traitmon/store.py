@@ -1,7 +1,7 @@
 """Zarr v3 stores of named xarray objects, written atomically.
 
-Conventions: float16/float32 only (never bfloat16, which Zarr cannot hold portably), string coordinates
-as object dtype (numpy ``<U`` strings trigger zarr's unstable-spec warning), chunks of about 1-4 MB.
+Conventions: float16/float32 only (never bfloat16, which Zarr cannot hold portably), strings stored as
+variable-length strings (numpy ``<U``/``S`` arrays have no Zarr v3 specification), chunks of about 1-4 MB.
 """
 
 from __future__ import annotations
@@ -31,14 +31,17 @@ def chunks_for(shape: tuple[int, ...], itemsize: int, target: int = TARGET_CHUNK
     return tuple(max(1, c) for c in chunks)
 
 
-def _objectify_strings(obj: xr.Dataset) -> xr.Dataset:
-    for name, coord in obj.coords.items():
-        if coord.dtype.kind == "U":
-            obj = obj.assign_coords({name: coord.astype(object)})
-    for name, var in obj.data_vars.items():
-        if var.dtype.kind == "U":
-            obj[name] = var.astype(object)
-    return obj
+def _variable_length_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width numpy strings (``<U``; ``S`` bytes decoded) as object arrays: Zarr then stores them as
+    variable-length strings, which have a Zarr v3 specification (fixed-width UTF-32 and bytes have none).
+
+    Converted from the bare variables: an ``astype`` on a DataArray carries its own coordinates back along
+    and would undo an earlier conversion of a sibling coordinate.
+    """
+    fixed = {name: var.astype(str).astype(object) for name, var in ds.variables.items() if var.dtype.kind in "US"}
+    coords = {name: var for name, var in fixed.items() if name in ds.coords}
+    data = {name: var for name, var in fixed.items() if name not in ds.coords}
+    return ds.assign_coords(coords).assign(data)
 
 
 def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
@@ -48,7 +51,7 @@ def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
             raise TypeError(f"variable '{name}' has dtype {var.dtype}; cast to float16/float32 before writing")
         if str(var.dtype) == "bfloat16":
             raise TypeError(f"variable '{name}' is bfloat16; cast to float16/float32 before writing")
-    ds = _objectify_strings(ds)
+    ds = _variable_length_strings(ds)
     ds.attrs.setdefault("layer_convention", LAYER_CONVENTION)
     encoding = {name: {"chunks": chunks_for(var.shape, var.dtype.itemsize)}
                 for name, var in ds.data_vars.items() if var.ndim and var.dtype.kind == "f"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from traitmon.errors import TraitmonError
-from traitmon.io import data_path, stable_hash
+from traitmon.io import data_path, read_text, stable_hash
 
 BUILTIN_TRAIT_DIR = data_path("traits")
 MIN_PAIRS = 5
@@ -57,7 +57,7 @@ def _string_list(raw: dict, key: str, path: Path, minimum: int) -> tuple[str, ..
 def load_trait(path: str | Path) -> Trait:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         raise TraitmonError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

@@ -18,8 +18,8 @@ rule capture_base:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon capture --model-dir {input.model} --model-key {wildcards.model} --trait-file {input.traits}"
-        " --settings {params.settings:q} --out {output.store} --step 0 --threads {threads} > {log} 2>&1"
+        "traitmon capture --model-dir {input.model:q} --model-key {wildcards.model:q} --trait-file {input.traits:q}"
+        " --settings {params.settings:q} --out {output.store:q} --step 0 --threads {threads} > {log:q} 2>&1"
 
 
 rule capture_checkpoint:
@@ -43,6 +43,6 @@ rule capture_checkpoint:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon capture --model-dir {input.model} --model-key {wildcards.model} --adapter {input.adapter}"
-        " --trait-file {input.traits} --settings {params.settings:q} --out {output.store}"
-        " --perturbation {wildcards.perturbation} --step {wildcards.step} --threads {threads} > {log} 2>&1"
+        "traitmon capture --model-dir {input.model:q} --model-key {wildcards.model:q} --adapter {input.adapter:q}"
+        " --trait-file {input.traits:q} --settings {params.settings:q} --out {output.store:q}"
+        " --perturbation {wildcards.perturbation:q} --step {wildcards.step:q} --threads {threads} > {log:q} 2>&1"

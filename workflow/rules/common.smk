@@ -1,21 +1,23 @@
 # Config validation, wildcard constraints and target lists. No rules here.
 import json
 import os
+import shlex
 from pathlib import Path
 
-from traitmon.config import validate_config
+from traitmon.config import check_study, validate_config
 from traitmon.errors import TraitmonError
 from traitmon.finetune import checkpoint_steps
 from traitmon.traits import trait_file
 
+CONFIG_SOURCE = "config (config.yaml and --config/--configfile)"
 try:
-    validate_config(config, source="config (config.yaml and --config/--configfile)")
+    validate_config(config, source=CONFIG_SOURCE)
 except TraitmonError as exc:
     raise WorkflowError(str(exc)) from None
 
 MODELS = list(config["models"])
 TRAITS = list(config["traits"])
-RES = "results"
+RES = config["results"]  # the results root; every path below is built from it
 
 
 PERTURBATIONS = list(config["perturbations"])
@@ -112,7 +114,8 @@ def perturbation_model(wildcards):
 
 
 def perturbation_model_arg(wildcards, input):
-    return f"--model-dir {input.model}" if input.get("model") else ""
+    # pasted into the shell command as is, so the path is quoted here
+    return f"--model-dir {shlex.quote(input.model)}" if input.get("model") else ""
 
 
 def user_dataset(wildcards):
@@ -151,7 +154,18 @@ def primary_behavior_table(wildcards):
     return f"{RES}/behavior/{PRIMARY_JUDGE}/{wildcards.model}/em_scores.csv"
 
 
+def study_checked():
+    # The drift/analysis stage compares perturbations: with fewer than 2 a study would fail only at its very end.
+    # Checked while the DAG is built (drift's inputs), so it stops before any job, and runs of other stages'
+    # targets (directions only, one finetune) need not configure a study.
+    try:
+        check_study(config, source=CONFIG_SOURCE)
+    except TraitmonError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
 def model_eval_logs(wildcards):
+    study_checked()
     return [f"{RES}/finetune/{wildcards.model}/{p}/eval_log.csv" for p in PERTURBATIONS]
 
 

@@ -19,9 +19,9 @@ rule extract_directions:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon extract --model-dir {input.model} --model-key {wildcards.model} --trait-file {input.trait}"
-        " --settings {params.settings:q} --out {output.store} --responses {output.responses}"
-        " --threads {threads} > {log} 2>&1"
+        "traitmon extract --model-dir {input.model:q} --model-key {wildcards.model:q} --trait-file {input.trait:q}"
+        " --settings {params.settings:q} --out {output.store:q} --responses {output.responses:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule steer_directions:
@@ -43,8 +43,8 @@ rule steer_directions:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon steer --model-dir {input.model} --direction {input.direction} --trait-file {input.trait}"
-        " --settings {params.settings:q} --out {output.table} --threads {threads} > {log} 2>&1"
+        "traitmon steer --model-dir {input.model:q} --direction {input.direction:q} --trait-file {input.trait:q}"
+        " --settings {params.settings:q} --out {output.table:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule summarize_directions:
@@ -75,6 +75,6 @@ rule summarize_directions:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon summarize-directions --directions {input.directions} --steering {input.steering}"
-        " --summary {output.summary} --cosines {output.cosines} --figure {output.figure}"
-        " --cosine-figure {output.cosine_figure} > {log} 2>&1"
+        "traitmon summarize-directions --directions {input.directions:q} --steering {input.steering:q}"
+        " --summary {output.summary:q} --cosines {output.cosines:q} --figure {output.figure:q}"
+        " --cosine-figure {output.cosine_figure:q} > {log:q} 2>&1"

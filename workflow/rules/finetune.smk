@@ -23,5 +23,5 @@ rule finetune:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon finetune --model-dir {input.model} --train {input.train} --heldout {input.heldout}"
-        " --settings {params.settings:q} --out {params.out} --threads {threads} > {log} 2>&1"
+        "traitmon finetune --model-dir {input.model:q} --train {input.train:q} --heldout {input.heldout:q}"
+        " --settings {params.settings:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"

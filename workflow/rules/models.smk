@@ -15,4 +15,5 @@ rule convert_model:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon convert --key {wildcards.model} --source {params.source:q} --dtype {params.dtype} --out {output.model} > {log} 2>&1"
+        "traitmon convert --key {wildcards.model:q} --source {params.source:q} --dtype {params.dtype:q}"
+        " --out {output.model:q} > {log:q} 2>&1"

@@ -18,5 +18,5 @@ rule make_perturbation:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon perturbation --key {wildcards.perturbation} --spec {params.spec:q} {params.model_arg}"
-        " --train {output.train} --heldout {output.heldout} --meta {output.meta} > {log} 2>&1"
+        "traitmon perturbation --key {wildcards.perturbation:q} --spec {params.spec:q} {params.model_arg}"
+        " --train {output.train:q} --heldout {output.heldout:q} --meta {output.meta:q} > {log:q} 2>&1"
