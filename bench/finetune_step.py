@@ -12,6 +12,7 @@ ends (data loading, collation, logging and callbacks included); same LoRA settin
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -45,7 +46,7 @@ class StepClock(TrainerCallback):
 
     def median_period(self, skip: int) -> float:
         ends = self.ends[skip:-1]  # the last step's end comes after its checkpoint evaluation
-        periods = sorted(b - a for a, b in zip(ends, ends[1:]))
+        periods = sorted(b - a for a, b in itertools.pairwise(ends))
         return periods[len(periods) // 2]
 
 
