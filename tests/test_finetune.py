@@ -206,3 +206,15 @@ def test_extra_trainer_callbacks_see_every_step(tiny_model_dir, rows, tmp_path):
     finetune(tiny_model_dir, train, heldout, GENERAL, tiny_settings(max_steps=3), tmp_path / "run",
              callbacks=[watcher])
     assert watcher.seen == [1, 2, 3]
+
+
+def test_bf16_autocast_and_gradient_checkpointing_still_train(tiny_model_dir, rows, tmp_path):
+    import pandas as pd
+
+    train, heldout = rows
+    out = tmp_path / "run"
+    finetune(tiny_model_dir, train, heldout, GENERAL,
+             tiny_settings(max_steps=2, precision="bf16", gradient_checkpointing=True), out)
+    train_log = pd.read_csv(out / "train_log.csv")
+    assert list(train_log.step) == [1, 2] and np.isfinite(train_log.loss).all() and (train_log.tokens > 0).all()
+    assert (out / "checkpoint-2/adapter_model.safetensors").is_file()

@@ -34,7 +34,6 @@ from traitmon.io import atomic_path, stable_hash, write_csv, write_json
 from traitmon.models import load_model, model_info
 
 log = logging.getLogger(__name__)
-IGNORE = IGNORE_INDEX  # kept for callers of the old name
 STATE_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a published checkpoint holds
 
 
