@@ -218,3 +218,16 @@ def test_bf16_autocast_and_gradient_checkpointing_still_train(tiny_model_dir, ro
     train_log = pd.read_csv(out / "train_log.csv")
     assert list(train_log.step) == [1, 2] and np.isfinite(train_log.loss).all() and (train_log.tokens > 0).all()
     assert (out / "checkpoint-2/adapter_model.safetensors").is_file()
+
+
+def test_a_run_killed_after_its_last_save_resumes_to_the_same_outputs(tiny_model_dir, rows, tmp_path):
+    train, heldout = rows
+    settings = tiny_settings(max_steps=2, checkpoint_every=1)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    finetune(tiny_model_dir, train, heldout, GENERAL, settings, full)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model_dir, train, heldout, GENERAL, settings, killed, step_callback=_kill_at(2))
+    summary = finetune(tiny_model_dir, train, heldout, GENERAL, settings, killed)
+    assert summary["resumed_from"] == 2
+    for name in ("checkpoint-2/adapter_model.safetensors", "eval_log.csv"):
+        assert (full / name).read_bytes() == (killed / name).read_bytes()

@@ -148,8 +148,8 @@ class FinetuneRecorder(TrainerCallback):
     train_log: list[dict] = field(default_factory=list)
     eval_log: list[dict] = field(default_factory=list)
     step_callback: Callable[[int, dict], None] | None = None
-    _started: tuple[float, int] = (0.0, 0)
-    _step_stats: dict = field(default_factory=dict)
+    _started: tuple[float, int] = field(default=(0.0, 0), init=False, repr=False)  # clock, tokens seen
+    _step_stats: dict = field(default_factory=dict, init=False, repr=False)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._started = (time.perf_counter(), state.num_input_tokens_seen)
