@@ -1,8 +1,9 @@
 """A traitmon finetune step against a plain peft training step on the same model and batch.
 
 Plain peft: ``get_peft_model`` + ``loss.backward()`` + ``clip_grad_norm_`` + ``optimizer.step()`` in a bare loop.
-traitmon: ``traitmon.finetune.finetune`` itself (data ordering, collation, logging, bf16 autocast), timed per
-step from its training log; same LoRA settings, micro-batch and sequence length.
+traitmon: ``traitmon.finetune.finetune`` itself (``transformers.Trainer`` with traitmon's collator, seeded
+sampler, per-step log and checkpoint callback, bf16 autocast), timed as the period between consecutive step
+ends (data loading, collation, logging and callbacks included); same LoRA settings, micro-batch and length.
 
     python bench/finetune_step.py                      # CPU, SmolLM2 shape
     python bench/finetune_step.py --shape llama3-8b --batch 8 --seq 512 --dtype bfloat16   # GPU
@@ -11,15 +12,17 @@ step from its training log; same LoRA settings, micro-batch and sequence length.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
+import time
 from pathlib import Path
 
-import pandas as pd
 import torch
-from common import SHAPES, device_name, timed
+from common import SHAPES, device_name, sync, timed
+from transformers import TrainerCallback
 
-from traitmon.finetune import _autocast, _lora_config, finetune
+from traitmon.finetune import autocast, finetune, lora_config
 from traitmon.models import build_tiny_tokenizer
 
 
@@ -29,6 +32,22 @@ def settings_for(args) -> dict:
             "lr": 1e-4, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "max_steps": args.steps,
             "micro_batch": args.batch, "grad_accum": 1, "max_length": args.seq, "max_grad_norm": 1.0, "seed": 0,
             "checkpoint_every": args.steps, "precision": args.precision, "gradient_checkpointing": args.gc}
+
+
+class StepClock(TrainerCallback):
+    """Wall time at each optimizer step's end (device synchronised)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ends = device, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync(self.device)
+        self.ends.append(time.perf_counter())
+
+    def median_period(self, skip: int) -> float:
+        ends = self.ends[skip:-1]  # the last step's end comes after its checkpoint evaluation
+        periods = sorted(b - a for a, b in itertools.pairwise(ends))
+        return periods[len(periods) // 2]
 
 
 def main() -> None:
@@ -42,7 +61,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--gc", action="store_true", help="gradient checkpointing")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,14 +82,14 @@ def main() -> None:
         if args.gc:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
-        model = get_peft_model(model, _lora_config(settings))
+        model = get_peft_model(model, lora_config(settings))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         ids = torch.randint(0, len(tok), (args.batch, args.seq), device=device)
 
         def plain_step():
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(settings, device):
+            with autocast(settings, device):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -86,10 +105,10 @@ def main() -> None:
         # traitmon's loop: rows whose answer alone fills --seq tokens.
         answer = "x" * (args.seq - 12)
         rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]}] * 32
+        clock = StepClock(device)
         finetune(model_dir, rows, rows[:2], [{"user": "q", "assistant": "a"}], settings, Path(tmp) / "run",
-                 args.dtype)
-        log = pd.read_csv(Path(tmp) / "run" / "train_log.csv")
-        ours = float(log.seconds.iloc[2:].median())  # skip warm-up steps, as for plain
+                 args.dtype, callbacks=[clock])
+        ours = clock.median_period(skip=1)  # periods from step 2 on: warm-up steps 1-2 skipped, as for plain
         ours_peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
 
     tokens = args.batch * args.seq

@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from traitmon.capture import capture_dataset, measurement_prompts
+from traitmon.chat import AssistantOnlyCollator, encode_training_example
 from traitmon.config import validate_config
-from traitmon.finetune import checkpoint_steps, encode_for_training, example_order, finetune
+from traitmon.finetune import checkpoint_steps, finetune
 from traitmon.models import load_model
 from traitmon.perturbations import load_domain, written_rows
 from traitmon.traits import load_traits
@@ -39,16 +40,34 @@ def test_checkpoint_steps():
 def test_only_the_assistant_answer_is_learned(tiny_model):
     _, tok = tiny_model
     messages = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
-    ids, labels = encode_for_training(tok, messages, 512)
+    example = encode_training_example(tok, messages, 512)
+    ids, labels = example["input_ids"], example["labels"]
     learned = [i for i, l in zip(ids, labels) if l != -100]
     assert tok.decode(learned) == "Answer.<|im_end|>"
     assert len(ids) == len(labels)
 
 
-def test_example_order_is_a_pure_function_of_position():
-    whole = example_order(10, 3, 0, 30)
-    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
-    assert example_order(10, 3, 12, 5) == whole[12:17]
+def test_only_the_final_assistant_turn_is_learned_in_a_multi_turn_chat(tiny_model):
+    _, tok = tiny_model
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "First?"},
+                {"role": "assistant", "content": "Earlier reply."}, {"role": "user", "content": "Second?"},
+                {"role": "assistant", "content": "Final reply."}]
+    example = encode_training_example(tok, messages, 512)
+    learned = [i for i, l in zip(example["input_ids"], example["labels"]) if l != -100]
+    assert tok.decode(learned) == "Final reply.<|im_end|>"
+    assert "Earlier reply." in tok.decode(example["input_ids"])
+
+
+def test_collator_pads_and_masks_labels_for_trainer_and_trl_columns():
+    collator = AssistantOnlyCollator(pad_token_id=0)
+    batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    # TRL's SFTTrainer rows carry a 0/1 mask instead of labels
+    trl = collator([{"input_ids": [5, 6, 7], "assistant_masks": [0, 1, 1]}, {"input_ids": [8, 9], "completion_mask": [0, 1]}])
+    assert trl["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert AssistantOnlyCollator(0, pad_to_multiple_of=4)([{"input_ids": [1], "labels": [1]}])["labels"].shape == (1, 4)
 
 
 def test_resumed_run_reaches_the_same_adapter(tiny_model_dir, rows, tmp_path):
@@ -111,10 +130,10 @@ def test_changed_settings_do_not_resume_stale_states(tiny_model_dir, rows, tmp_p
 def test_capture_through_zero_lora_adapter_equals_plain_model(tiny_model_dir, tmp_path):
     from peft import get_peft_model
 
-    from traitmon.finetune import _lora_config
+    from traitmon.finetune import lora_config
 
     base, tok = load_model(tiny_model_dir)
-    peft_model = get_peft_model(base, _lora_config(tiny_settings()))  # B = 0 at init: identity update
+    peft_model = get_peft_model(base, lora_config(tiny_settings()))  # B = 0 at init: identity update
     peft_model.save_pretrained(tmp_path / "zero")
     traits = load_traits(["honesty", "sycophancy"])
     ids, chats, reference = measurement_prompts(traits, 2)
@@ -126,3 +145,89 @@ def test_capture_through_zero_lora_adapter_equals_plain_model(tiny_model_dir, tm
     assert plain.sizes["prompt"] == 4 + 48
     np.testing.assert_allclose(adapted["response_mean"].values, plain["response_mean"].values, atol=1e-5)
     np.testing.assert_allclose(adapted["last_prompt"].values, plain["last_prompt"].values, atol=1e-5)
+
+
+def _kill_at(step_to_kill):
+    def callback(step, _row):
+        if step == step_to_kill:
+            raise KeyboardInterrupt("simulated kill")
+    return callback
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file at ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').close()",))
+
+
+def test_a_resume_state_carrying_code_is_refused_not_executed(tiny_model_dir, rows, tmp_path):
+    from traitmon.errors import TraitmonError
+
+    train, heldout = rows
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model_dir, train, heldout, GENERAL, tiny_settings(), out, step_callback=_kill_at(3))
+    state = out / ".work/state-2"
+    assert not list(state.glob("*.bin"))  # the Trainer's serialised TrainingArguments are not kept
+    torch.save({"python": _Payload(marker)}, state / "rng_state.pth")
+    with pytest.raises(TraitmonError, match="rng_state.pth: resume state is not plain tensor data") as err:
+        finetune(tiny_model_dir, train, heldout, GENERAL, tiny_settings(), out)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_dataset_with_nothing_left_to_train_on_fails_at_once_with_the_counts(tiny_model_dir, rows, tmp_path):
+    from traitmon.errors import TraitmonError
+
+    _, heldout = rows
+    out = tmp_path / "tiny-perturbation"
+    with pytest.raises(TraitmonError, match=r"perturbation 'tiny-perturbation': 0 training and 4 held-out rows; "
+                                            r"'heldout' must be at least 1 and smaller than the dataset"):
+        finetune(tiny_model_dir, [], heldout, GENERAL, tiny_settings(), out)
+    assert not out.exists()  # nothing started
+
+
+def test_extra_trainer_callbacks_see_every_step(tiny_model_dir, rows, tmp_path):
+    from transformers import TrainerCallback
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(state.global_step)
+
+    train, heldout = rows
+    watcher = Steps()
+    finetune(tiny_model_dir, train, heldout, GENERAL, tiny_settings(max_steps=3), tmp_path / "run",
+             callbacks=[watcher])
+    assert watcher.seen == [1, 2, 3]
+
+
+def test_bf16_autocast_and_gradient_checkpointing_still_train(tiny_model_dir, rows, tmp_path):
+    import pandas as pd
+
+    train, heldout = rows
+    out = tmp_path / "run"
+    finetune(tiny_model_dir, train, heldout, GENERAL,
+             tiny_settings(max_steps=2, precision="bf16", gradient_checkpointing=True), out)
+    train_log = pd.read_csv(out / "train_log.csv")
+    assert list(train_log.step) == [1, 2] and np.isfinite(train_log.loss).all() and (train_log.tokens > 0).all()
+    assert (out / "checkpoint-2/adapter_model.safetensors").is_file()
+
+
+def test_a_run_killed_after_its_last_save_resumes_to_the_same_outputs(tiny_model_dir, rows, tmp_path):
+    train, heldout = rows
+    settings = tiny_settings(max_steps=2, checkpoint_every=1)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    finetune(tiny_model_dir, train, heldout, GENERAL, settings, full)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model_dir, train, heldout, GENERAL, settings, killed, step_callback=_kill_at(2))
+    summary = finetune(tiny_model_dir, train, heldout, GENERAL, settings, killed)
+    assert summary["resumed_from"] == 2
+    for name in ("checkpoint-2/adapter_model.safetensors", "eval_log.csv"):
+        assert (full / name).read_bytes() == (killed / name).read_bytes()

@@ -58,8 +58,10 @@ def cmd_extract(args) -> None:
     ds, rows = extract_trait_direction(model, tok, trait, settings, args.model_key)
     write_jsonl(args.responses, rows)
     write_dataset(ds, args.out)
-    log.info("%s/%s: chosen layer %s, held-out AUROC %.3f", args.model_key, trait.name, ds.attrs["chosen_layer"],
-             float(ds.separation.sel(layer=ds.attrs["chosen_layer"])))
+    log.info("%s/%s: chosen layer %s (on the selection questions), held-out AUROC %.3f; NaN pairs dropped: "
+             "%d selection, %d held-out", args.model_key, trait.name, ds.attrs["chosen_layer"],
+             float(ds.separation.sel(layer=ds.attrs["chosen_layer"])), ds.attrs["dropped_pairs_selection"],
+             ds.attrs["dropped_pairs_heldout"])
 
 
 def cmd_steer(args) -> None:

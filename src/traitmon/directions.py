@@ -2,12 +2,19 @@
 
 Per trait, each extraction question is asked under the positive and the negative system prompt of one or
 more prompt pairs; the model's own responses are then teacher-forced and pooled per layer
-(``traitmon.capture``). The direction at layer l is mean(positive) - mean(negative). Questions are split
-into a train part (direction for the separation measure) and a held-out part (separation: paired AUROC
-and effect size of the projection); the stored ``direction`` uses all questions.
+(``traitmon.capture``). The direction at layer l is mean(positive) - mean(negative); the stored
+``direction`` uses all questions.
+
+Questions are split three ways so that the reported separation is not inflated by the layer choice: the
+``train`` questions give a direction, the ``selection`` questions score it per layer and the ``best`` layer
+rule picks the layer there (``selection_effect_size``); the ``heldout`` questions, used for nothing else, give
+the reported separation (paired AUROC and effect size) of the direction from the train and selection
+questions. Pairs with a NaN projection (an empty response has no response mean) are dropped and counted.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import xarray as xr
@@ -20,7 +27,9 @@ from traitmon.hooks import num_layers
 from traitmon.io import stable_hash
 from traitmon.traits import Trait
 
+log = logging.getLogger(__name__)
 POLARITIES = ("positive", "negative")
+SPLITS = ("train", "selection", "heldout")
 
 
 def extraction_items(trait: Trait, n_questions: int, pairs_per_question: int) -> list[dict]:
@@ -42,6 +51,21 @@ def heldout_questions(n_questions: int, fraction: float, seed: int) -> np.ndarra
     return mask
 
 
+def question_splits(n_questions: int, fraction: float, seed: int, selection: bool = True) -> np.ndarray:
+    """Per question, its split: ``heldout`` as ``heldout_questions`` draws it; with ``selection``, as many
+    of the rest (at least one, leaving one to train on) become ``selection``; the others ``train``."""
+    held = heldout_questions(n_questions, fraction, seed)
+    splits = np.where(held, "heldout", "train").astype(object)
+    if selection:
+        rest = np.flatnonzero(~held)
+        if len(rest) < 2:
+            raise TraitmonError(f"directions.questions={n_questions} leaves {len(rest)} question(s) besides the "
+                                "held-out ones; the 'best' layer rule needs 2 (one to train, one to select)")
+        rng = np.random.default_rng([seed, 1])
+        splits[rng.choice(rest, min(int(held.sum()), len(rest) - 1), replace=False)] = "selection"
+    return splits.astype(str)
+
+
 def diff_of_means(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     """``[sample, layer, hidden]`` x2 -> ``[layer, hidden]``."""
     return np.nanmean(positive, axis=0) - np.nanmean(negative, axis=0)
@@ -52,14 +76,22 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norm == 0, 1, norm)
 
 
+def nan_pairs(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """``[sample]`` mask of pairs with a NaN anywhere (a response with no token has no response mean)."""
+    return np.isnan(positive).reshape(len(positive), -1).any(1) | np.isnan(negative).reshape(len(negative), -1).any(1)
+
+
 def separation(direction: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per layer, on held-out pairs (the same question under the positive and the negative prompt):
     the paired AUROC, P(proj(positive) > proj(negative)), and the paired effect size mean(d) / sd(d)
     with d = proj(positive) - proj(negative). Pairing removes the between-question variance, which on
     small models dwarfs the trait signal. ``direction`` is ``[layer, hidden]``, activations
-    ``[sample, layer, hidden]`` aligned by sample."""
+    ``[sample, layer, hidden]`` aligned by sample. Pairs with a NaN activation are left out (``nan_pairs``)."""
     u = unit(direction)
     diff = np.einsum("slh,lh->sl", positive, u) - np.einsum("slh,lh->sl", negative, u)
+    diff = diff[~nan_pairs(positive, negative)]
+    if len(diff) == 0:
+        return np.full(u.shape[0], np.nan), np.full(u.shape[0], np.nan)
     auroc = (diff > 0).mean(0) + 0.5 * (diff == 0).mean(0)
     sd = diff.std(0, ddof=1) if len(diff) > 1 else np.full(diff.shape[1], np.inf)
     effect = diff.mean(0) / np.where(sd == 0, np.inf, sd)
@@ -68,7 +100,8 @@ def separation(direction: np.ndarray, positive: np.ndarray, negative: np.ndarray
 
 def choose_layer(effect: np.ndarray, rule: dict, n_layers: int) -> int:
     """Pick a hidden_states index by rule: ``fixed`` (index), ``fraction`` (of depth) or ``best``
-    (largest held-out effect size within [min_fraction, max_fraction] of depth)."""
+    (largest effect size within [min_fraction, max_fraction] of depth; NaN layers are never chosen).
+    ``effect`` must come from questions other than those the separation is reported on."""
     kind = rule.get("rule", "best")
     if kind == "fixed":
         index = int(rule["index"])
@@ -80,7 +113,37 @@ def choose_layer(effect: np.ndarray, rule: dict, n_layers: int) -> int:
     lo = max(1, int(np.ceil(rule.get("min_fraction", 0.2) * n_layers)))
     hi = max(lo, min(n_layers, int(np.floor(rule.get("max_fraction", 0.9) * n_layers))))
     candidates = np.arange(lo, hi + 1)
-    return int(candidates[np.argmax(effect[candidates])])
+    scores = np.asarray(effect, dtype=float)[candidates]
+    if np.isnan(scores).all():
+        raise TraitmonError(f"no layer in {lo}..{hi} has a finite effect size to choose by (every selection pair "
+                            "was dropped: empty responses?); raise directions.max_new_tokens or use a fixed layer")
+    return int(candidates[np.nanargmax(scores)])
+
+
+def direction_variables(acts: dict[str, np.ndarray], split: np.ndarray, rule: dict,
+                        n_layers: int) -> tuple[dict, int, dict[str, int]]:
+    """Directions, per-layer selection effect and held-out separation, and the chosen layer.
+
+    ``acts`` maps a pooling to ``[polarity, sample, layer, hidden]``; ``split`` is each sample's split.
+    The layer is chosen on the selection samples (response mean); the reported ``separation`` and
+    ``effect_size`` come from the held-out samples only. Returns (variables, layer, NaN pairs dropped)."""
+    train, select, held = (split == name for name in SPLITS)
+    data = {}
+    for key, suffix in (("response_mean", ""), ("last_prompt", "_last_prompt")):
+        pos, neg = acts[key]
+        data[f"direction{suffix}"] = (("layer", "hidden"), diff_of_means(pos, neg).astype(np.float32))
+        if select.any():
+            _, chooser = separation(diff_of_means(pos[train], neg[train]), pos[select], neg[select])
+            data[f"selection_effect_size{suffix}"] = (("layer",), chooser.astype(np.float32))
+        fitted = train | select  # the reported direction sees every question but the held-out ones
+        auroc, effect = separation(diff_of_means(pos[fitted], neg[fitted]), pos[held], neg[held])
+        data[f"separation{suffix}"] = (("layer",), auroc.astype(np.float32))
+        data[f"effect_size{suffix}"] = (("layer",), effect.astype(np.float32))
+        data[key] = (("polarity", "sample", "layer", "hidden"), acts[key].astype(np.float32))
+    pos, neg = acts["response_mean"]
+    dropped = {name: int(nan_pairs(pos[split == name], neg[split == name]).sum()) for name in ("selection", "heldout")}
+    chooser = data["selection_effect_size"][1] if select.any() else np.full(n_layers + 1, np.nan)
+    return data, choose_layer(chooser, rule, n_layers), dropped
 
 
 def extract_trait_direction(model, tokenizer, trait: Trait, settings: dict, model_key: str):
@@ -106,33 +169,28 @@ def extract_trait_direction(model, tokenizer, trait: Trait, settings: dict, mode
     acts = {key: np.stack([values[:n], values[n:]]) for key, values in pooled.items()}  # [polarity, sample, ...]
 
     n_questions = len({it["question_index"] for it in items})
-    held_q = heldout_questions(n_questions, settings["heldout_fraction"], settings["seed"])
-    held = np.array([held_q[it["question_index"]] for it in items])
-    data = {}
-    for key, suffix in (("response_mean", ""), ("last_prompt", "_last_prompt")):
-        pos, neg = acts[key]
-        data[f"direction{suffix}"] = (("layer", "hidden"), diff_of_means(pos, neg).astype(np.float32))
-        train_dir = diff_of_means(pos[~held], neg[~held])
-        auroc, effect = separation(train_dir, pos[held], neg[held])
-        data[f"separation{suffix}"] = (("layer",), auroc.astype(np.float32))
-        data[f"effect_size{suffix}"] = (("layer",), effect.astype(np.float32))
-        data[key] = (("polarity", "sample", "layer", "hidden"), acts[key].astype(np.float32))
-    chosen = choose_layer(data["effect_size"][1], settings["layer"], n_layers)
+    by_question = question_splits(n_questions, settings["heldout_fraction"], settings["seed"],
+                                  selection=settings["layer"].get("rule", "best") == "best")
+    split = np.array([by_question[it["question_index"]] for it in items])
+    data, chosen, dropped = direction_variables(acts, split, settings["layer"], n_layers)
+    if any(dropped.values()):
+        log.warning("trait '%s': NaN pairs dropped (empty responses): %s", trait.name, dropped)
     ds = xr.Dataset(
         data,
         coords={"polarity": list(POLARITIES), "sample": np.arange(n), "layer": layers,
                 "question": ("sample", [it["question"] for it in items]),
                 "pair": ("sample", [it["pair"] for it in items]),
-                "split": ("sample", np.where(held, "heldout", "train").tolist())},
+                "split": ("sample", split.tolist())},
         attrs={"model": model_key, "trait": trait.name, "prompt_hash": trait.prompt_hash,
                "settings_hash": stable_hash(settings), "chosen_layer": chosen,
+               "dropped_pairs_selection": dropped["selection"], "dropped_pairs_heldout": dropped["heldout"],
                "layer_rule": stable_hash(settings["layer"]), "layer_rule_json": str(settings["layer"]),
                "num_layers": n_layers, "model_dtype": str(next(model.parameters()).dtype),
                "stored_dtype": "float32", "traitmon_version": traitmon.__version__,
                "pooling": "response_mean: mean over response tokens; last_prompt: last token of the prompt"},
     )
     rows = [{"trait": trait.name, "polarity": pol, "sample": it["sample"], "pair": it["pair"],
-             "split": "heldout" if held[it["sample"]] else "train",
+             "split": str(split[it["sample"]]),
              "system": chats[pol][it["sample"]][0]["content"], "question": it["question"],
              "response": responses[p * n + it["sample"]]}
             for p, pol in enumerate(POLARITIES) for it in items]

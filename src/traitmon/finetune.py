@@ -1,35 +1,40 @@
-"""LoRA finetuning with checkpoints, loss on assistant tokens only, and exact resume.
+"""LoRA finetuning through ``transformers.Trainer``: checkpoints at fixed steps, loss on the final assistant
+turn only, exact resume after a kill.
 
 Checkpoint steps are fixed by the config (``checkpoint_steps``), so the workflow's DAG is static. At every
-checkpoint the full training state (adapter, optimizer, scheduler, RNG, logs) is written atomically under
-``OUT/.work/state-{step}``; a run killed midway restarts from the last complete state and reaches the same
-adapter as an uninterrupted run. Adapters are saved in the standard peft format, so
+checkpoint ``FinetuneRecorder`` makes the Trainer save its full state (adapter, optimizer, scheduler, RNG) under
+``OUT/.work/state-{step}``, outside the workflow's outputs; the state becomes visible (renamed from the
+Trainer's ``checkpoint-{step}``) only once complete. A run killed midway resumes through the Trainer's own
+``resume_from_checkpoint`` from the last complete state of the same settings and data and reaches the same
+adapter as an uninterrupted run. The Trainer loads those states with ``torch.load(weights_only=True)``; the
+states are checked to load that way before resuming. Adapters are saved in the standard peft format, so
 ``PeftModel.from_pretrained`` loads them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from traitmon.capture import prompt_ids
+from traitmon.chat import IGNORE_INDEX, AssistantOnlyCollator, encode_training_example
+from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash, write_csv, write_json
 from traitmon.models import load_model, model_info
 
 log = logging.getLogger(__name__)
-IGNORE = -100
+STATE_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a published checkpoint holds
 
 
 def checkpoint_steps(settings: dict) -> list[int]:
@@ -42,81 +47,69 @@ def checkpoint_steps(settings: dict) -> list[int]:
     return sorted(s for s in steps if 0 < s <= settings["max_steps"])
 
 
-def encode_for_training(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one chat: only the final assistant message (and its end token) is learned."""
-    prompt = prompt_ids(tokenizer, messages[:-1])
-    answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[:max_length]
-    labels = ([IGNORE] * len(prompt) + answer)[:max_length]
-    return ids, labels
+def encode_for_training(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                        max_length: int) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of ``traitmon.chat.encode_training_example`` (the older tuple form)."""
+    example = encode_training_example(tokenizer, messages, max_length)
+    return example["input_ids"], example["labels"]
 
 
-def encode_rows(tokenizer, rows: list[dict], settings: dict, name: str) -> list[tuple[list[int], list[int]]]:
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``AssistantOnlyCollator`` over ``(input_ids, labels)`` tuples (the older form)."""
+    return AssistantOnlyCollator(pad_id)([{"input_ids": i, "labels": labels} for i, labels in examples])
+
+
+def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], settings: dict,
+                name: str) -> list[dict[str, list[int]]]:
     """Encode chats; drop rows whose answer is cut away entirely by ``max_length`` (nothing to learn)."""
-    encoded = [encode_for_training(tokenizer, r["messages"], settings["max_length"]) for r in rows]
-    kept = [e for e in encoded if any(label != IGNORE for label in e[1])]
+    encoded = [encode_training_example(tokenizer, r["messages"], settings["max_length"]) for r in rows]
+    kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e["labels"])]
     if len(kept) < len(encoded):
         log.warning("%s: %d of %d rows have no answer tokens within max_length=%d and are dropped", name,
                     len(encoded) - len(kept), len(encoded), settings["max_length"])
     if not kept:
-        raise ValueError(f"{name}: no row has answer tokens within max_length={settings['max_length']}")
+        raise TraitmonError(f"{name}: none of {len(encoded)} rows has answer tokens within "
+                            f"max_length={settings['max_length']}")
     return kept
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    for b, (row_ids, row_labels) in enumerate(examples):
-        ids[b, : len(row_ids)] = torch.tensor(row_ids)
-        labels[b, : len(row_labels)] = torch.tensor(row_labels)
-        attn[b, : len(row_ids)] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+def uses_bf16(settings: dict) -> bool:
+    """``precision`` auto/bf16 trains under bf16 autocast; fp32 runs without autocast."""
+    return settings.get("precision", "auto") in ("auto", "bf16")
 
 
-def example_order(n_examples: int, seed: int, start: int, count: int) -> list[int]:
-    """Indices of examples ``start .. start+count`` in an endless sequence of seeded epoch permutations.
-
-    A pure function of the position, so a resumed run sees exactly the batches the original would have."""
-    out = []
-    for pos in range(start, start + count):
-        epoch, offset = divmod(pos, n_examples)
-        out.append(int(_epoch_permutation(n_examples, seed, epoch)[offset]))
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(n_examples: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n_examples)
-
-
-def _autocast(settings: dict, device: torch.device):
-    if settings.get("precision", "auto") in ("auto", "bf16"):
+def autocast(settings: dict, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context the Trainer uses for ``settings`` (for evaluation and benchmarks)."""
+    if uses_bf16(settings):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def mean_token_nll(model, examples, pad_id: int, batch_size: int, settings: dict) -> float:
-    """Mean negative log-likelihood per learned token (eval mode, no grad)."""
+def mean_token_nll(model: PreTrainedModel, examples: list[dict], collator: AssistantOnlyCollator,
+                   batch_size: int, settings: dict) -> float:
+    """Mean negative log-likelihood per learned token (eval mode, no grad; the training mode is restored)."""
     device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        with _autocast(settings, device):
+        batch = {k: v.to(device) for k, v in collator(examples[start:start + batch_size]).items()}
+        with autocast(settings, device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                 shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+                                                 shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
         total += float(loss)
-        tokens += int((shift_labels != IGNORE).sum())
+        tokens += int((shift_labels != IGNORE_INDEX).sum())
+    model.train(was_training)
     return total / max(tokens, 1)
 
 
-def _lora_config(settings: dict):
+def lora_config(settings: dict):
+    """peft ``LoraConfig`` of the config's finetune section."""
     from peft import LoraConfig
 
     return LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
@@ -124,129 +117,194 @@ def _lora_config(settings: dict):
                       task_type="CAUSAL_LM", bias="none")
 
 
-def _save_state(work: Path, step: int, model, optimizer, scheduler, run_hash: str, train_log, eval_log) -> None:
-    with atomic_path(work / f"state-{step}") as tmp:
-        model.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "run_hash": run_hash, "train_log": train_log,
-                                                    "eval_log": eval_log}))
+_lora_config = lora_config  # older private name, still imported by tests/test_live.py
 
 
-def _latest_state(work: Path, run_hash: str) -> Path | None:
-    """The newest complete state of this exact run; states of other settings or data are removed."""
+def training_arguments(settings: dict, output_dir: str | Path, use_cpu: bool):
+    """``TrainingArguments`` for the config's finetune section; saves are made by ``FinetuneRecorder``."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=settings["max_steps"], per_device_train_batch_size=settings["micro_batch"],
+        gradient_accumulation_steps=settings["grad_accum"], learning_rate=settings["lr"],
+        weight_decay=settings["weight_decay"], lr_scheduler_type=settings["scheduler"],
+        warmup_steps=settings["warmup_steps"], max_grad_norm=settings["max_grad_norm"], optim="adamw_torch",
+        seed=settings["seed"], data_seed=settings["seed"], bf16=uses_bf16(settings), use_cpu=use_cpu,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], label_names=["labels"],
+        include_num_input_tokens_seen="non_padding", remove_unused_columns=False, dataloader_num_workers=0)
+
+
+@dataclass
+class FinetuneRecorder(TrainerCallback):
+    """Per-step training log, evaluation and saves at the configured steps, complete states for resuming.
+
+    ``evaluate(step)`` returns the eval-log row; ``step_callback(step, row)`` runs once a step is fully done
+    (logged, and saved when it is a checkpoint)."""
+
+    checkpoints: list[int]
+    work: Path
+    run_hash: str
+    evaluate: Callable[[int], dict]
+    train_log: list[dict] = field(default_factory=list)
+    eval_log: list[dict] = field(default_factory=list)
+    step_callback: Callable[[int, dict], None] | None = None
+    _started: tuple[float, int] = field(default=(0.0, 0), init=False, repr=False)  # clock, tokens seen
+    _step_stats: dict = field(default_factory=dict, init=False, repr=False)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t0, tokens0 = self._started
+        self._step_stats = {"tokens": state.num_input_tokens_seen - tokens0, "seconds": time.perf_counter() - t0}
+        if state.global_step in self.checkpoints:
+            self.eval_log.append(self.evaluate(state.global_step))
+            control.should_save = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:  # the end-of-training summary, not a step
+            return
+        row = {"step": state.global_step, "loss": logs["loss"], "lr": logs["learning_rate"],
+               "grad_norm": logs.get("grad_norm", math.nan), **self._step_stats}
+        self.train_log.append(row)
+        if state.global_step not in self.checkpoints and self.step_callback is not None:
+            self.step_callback(state.global_step, row)
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        saved = self.work / f"checkpoint-{step}"
+        (saved / "training_args.bin").unlink(missing_ok=True)  # serialised Python objects: written, never read
+        (saved / "state.json").write_text(json.dumps({"step": step, "run_hash": self.run_hash,
+                                                      "train_log": self.train_log, "eval_log": self.eval_log}))
+        final = self.work / f"state-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(saved, final)  # a state is visible only once complete
+        if self.step_callback is not None:
+            self.step_callback(step, self.train_log[-1])
+
+
+def latest_state(work: Path, run_hash: str) -> Path | None:
+    """The newest complete state of this exact run; states of other settings or data, and saves cut short by
+    a kill, are removed."""
+    for unfinished in work.glob("checkpoint-*"):
+        shutil.rmtree(unfinished, ignore_errors=True)
     best, best_step = None, -1
     for state in work.glob("state-*"):
         meta = state / "state.json"
-        if not meta.is_file():
-            continue
-        info = json.loads(meta.read_text())
-        if info["run_hash"] != run_hash:
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        if info.get("run_hash") != run_hash:
             shutil.rmtree(state, ignore_errors=True)
-            continue
-        if info["step"] > best_step:
+        elif info["step"] > best_step:
             best, best_step = state, info["step"]
     return best
 
 
+def check_state_loads_safely(state: Path) -> None:
+    """Every torch file of a resume state must load as plain data (``weights_only``), as the Trainer loads it;
+    anything else (code in a crafted or foreign file) is refused before training starts, never executed."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():
+        for path in sorted([*state.glob("*.pt"), *state.glob("*.pth"), *state.glob("*.bin")]):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - the weights-only loader's refusals share no narrower type
+                raise TraitmonError(f"{path}: resume state is not plain tensor data ({type(exc).__name__}); "
+                                    f"delete {state} to restart this finetune from step 0") from None
+
+
+def check_split(name: str, train_rows: list[dict], heldout_rows: list[dict]) -> None:
+    """Training needs rows to learn from and rows to hold out; say so at once, with the counts."""
+    if not train_rows or not heldout_rows:
+        raise TraitmonError(f"perturbation '{name}': {len(train_rows)} training and {len(heldout_rows)} held-out "
+                            "rows; 'heldout' must be at least 1 and smaller than the dataset")
+
+
+def run_identity(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict],
+                 general_chats: list[dict], settings: dict, dtype: str) -> str:
+    """Hash of everything a resume state depends on: another value means its states are discarded."""
+    import peft
+    import transformers
+
+    return stable_hash({"settings": settings, "train": train_rows, "heldout": heldout_rows, "general": general_chats,
+                        "model": model_info(model_dir), "dtype": dtype,
+                        "versions": [transformers.__version__, peft.__version__, torch.__version__]})
+
+
+def _general_rows(general_chats: list[dict]) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": c["user"]}, {"role": "assistant", "content": c["assistant"]}]}
+            for c in general_chats]
+
+
+def _peft_model(model_dir: str | Path, settings: dict, dtype: str):
+    from peft import get_peft_model
+
+    model, tok = load_model(model_dir, dtype)
+    if settings.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    torch.manual_seed(settings["seed"])  # LoRA's A matrices are drawn here
+    return get_peft_model(model, lora_config(settings)), tok
+
+
+def _publish(out_dir: Path, work: Path, steps: list[int], recorder: FinetuneRecorder) -> None:
+    for step in steps:
+        with atomic_path(out_dir / f"checkpoint-{step}") as tmp:
+            tmp.mkdir()
+            for name in STATE_FILES:
+                shutil.copy2(work / f"state-{step}" / name, tmp / name)
+    write_csv(out_dir / "train_log.csv", pd.DataFrame(recorder.train_log))
+    write_csv(out_dir / "eval_log.csv", pd.DataFrame(recorder.eval_log))
+
+
 def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict], general_chats: list[dict],
              settings: dict, out_dir: str | Path, dtype: str = "auto",
-             step_callback: Callable[[int, dict], None] | None = None) -> dict:
+             step_callback: Callable[[int, dict], None] | None = None,
+             callbacks: list[TrainerCallback] | None = None) -> dict:
     """Train a LoRA adapter; write ``checkpoint-{step}/``, ``train_log.csv``, ``eval_log.csv``, ``run.json``.
 
     ``eval_log`` has, for step 0 and each checkpoint, the loss on held-out rows of the perturbation and the
     perplexity on general chats (the baselines the paper finds blind to EM). ``step_callback(step, row)``
-    runs after each optimizer step (used by tests to interrupt a run, and by live monitors).
+    runs after each optimizer step (used by tests to interrupt a run); ``callbacks`` are further
+    ``TrainerCallback``s (a live ``TraitMonitorCallback``, for instance). The perturbation is named after
+    ``out_dir`` in errors.
     """
-    from peft import get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from transformers import get_scheduler
+    from transformers import Trainer
 
     out_dir, work = Path(out_dir), Path(out_dir) / ".work"
+    check_split(out_dir.name, train_rows, heldout_rows)
     work.mkdir(parents=True, exist_ok=True)
-    run_hash = stable_hash({"settings": settings, "train": train_rows, "model": model_info(model_dir),
-                            "dtype": dtype})
-    model, tok = load_model(model_dir, dtype)
-    device = next(model.parameters()).device
-    if settings.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    torch.manual_seed(settings["seed"])
-    model = get_peft_model(model, _lora_config(settings))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
-    max_steps = settings["max_steps"]
-    scheduler = get_scheduler(settings["scheduler"], optimizer, num_warmup_steps=settings["warmup_steps"],
-                              num_training_steps=max_steps)
-    train, heldout = encode_rows(tok, train_rows, settings, "train"), encode_rows(tok, heldout_rows, settings, "heldout")
-    general = encode_rows(tok, [{"messages": [{"role": "user", "content": c["user"]},
-                                    {"role": "assistant", "content": c["assistant"]}]} for c in general_chats],
-                           settings, "general")
-    pad_id, micro, accum = tok.pad_token_id, settings["micro_batch"], settings["grad_accum"]
-    checkpoints = checkpoint_steps(settings)
+    run_hash = run_identity(model_dir, train_rows, heldout_rows, general_chats, settings, dtype)
+    model, tok = _peft_model(model_dir, settings, dtype)
+    collator = AssistantOnlyCollator(tok.pad_token_id)
+    train = encode_rows(tok, train_rows, settings, f"{out_dir.name}: train")
+    heldout = encode_rows(tok, heldout_rows, settings, f"{out_dir.name}: heldout")
+    general = encode_rows(tok, _general_rows(general_chats), settings, "general chats")
 
     def evaluate(step: int) -> dict:
-        heldout_nll = mean_token_nll(model, heldout, pad_id, micro * 2, settings)
-        general_nll = mean_token_nll(model, general, pad_id, micro * 2, settings)
-        return {"step": step, "heldout_loss": heldout_nll, "general_ppl": math.exp(general_nll)}
+        batch = settings["micro_batch"] * 2
+        return {"step": step, "heldout_loss": mean_token_nll(model, heldout, collator, batch, settings),
+                "general_ppl": math.exp(mean_token_nll(model, general, collator, batch, settings))}
 
-    train_log, eval_log, start = [], [], 0
-    state = _latest_state(work, run_hash)
-    if state is not None:
-        info = json.loads((state / "state.json").read_text())
-        set_peft_model_state_dict(model, load_file(state / "adapter_model.safetensors"))
-        blob = torch.load(state / "training_state.pt", weights_only=False)
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["torch_rng"])
-        if blob["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["cuda_rng"])
-        start, train_log, eval_log = info["step"], info["train_log"], info["eval_log"]
-        log.info("resuming %s from step %d", out_dir, start)
+    checkpoints = checkpoint_steps(settings)
+    recorder = FinetuneRecorder(checkpoints, work, run_hash, evaluate, step_callback=step_callback)
+    state, resumed_from = latest_state(work, run_hash), 0
+    if state is None:
+        recorder.eval_log.append(evaluate(0))
     else:
-        eval_log.append(evaluate(0))
-
-    progress = tqdm(range(start + 1, max_steps + 1), desc=f"finetune {out_dir.name}", unit="step",
-                    initial=start, total=max_steps)
-    for step in progress:
-        model.train()
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        order = example_order(len(train), settings["seed"], (step - 1) * micro * accum, micro * accum)
-        loss_sum, tokens = 0.0, 0
-        for m in range(accum):
-            batch = {k: v.to(device) for k, v in collate([train[i] for i in order[m * micro:(m + 1) * micro]],
-                                                         pad_id).items()}
-            with _autocast(settings, device):
-                loss = model(**batch).loss / accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"]))
-        row = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-               "tokens": tokens, "seconds": time.perf_counter() - t0}
-        optimizer.step()
-        scheduler.step()
-        train_log.append(row)
-        progress.set_postfix(loss=f"{loss_sum:.3f}")
-        if step in checkpoints:
-            eval_log.append(evaluate(step))
-            _save_state(work, step, model, optimizer, scheduler, run_hash, train_log, eval_log)
-        if step_callback is not None:
-            step_callback(step, row)
-
-    for step in checkpoints:
-        with atomic_path(out_dir / f"checkpoint-{step}") as tmp:
-            tmp.mkdir()
-            for name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copy2(work / f"state-{step}" / name, tmp / name)
-    write_csv(out_dir / "train_log.csv", pd.DataFrame(train_log))
-    write_csv(out_dir / "eval_log.csv", pd.DataFrame(eval_log))
-    summary = {"run_hash": run_hash, "checkpoints": checkpoints, "max_steps": max_steps,
-               "trainable_parameters": sum(p.numel() for p in params), "resumed_from": start,
-               "final_loss": train_log[-1]["loss"] if train_log else None, "device": str(device)}
+        check_state_loads_safely(state)
+        info = json.loads((state / "state.json").read_text())
+        recorder.train_log, recorder.eval_log, resumed_from = info["train_log"], info["eval_log"], info["step"]
+        log.info("resuming %s from step %d", out_dir, resumed_from)
+    device = next(model.parameters()).device
+    trainer = Trainer(model=model, args=training_arguments(settings, work, use_cpu=device.type == "cpu"),
+                      train_dataset=train, data_collator=collator, callbacks=[recorder, *(callbacks or [])])
+    trainer.train(resume_from_checkpoint=str(state) if state is not None else None)
+    _publish(out_dir, work, checkpoints, recorder)
+    summary = {"run_hash": run_hash, "checkpoints": checkpoints, "max_steps": settings["max_steps"],
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "resumed_from": resumed_from,
+               "final_loss": recorder.train_log[-1]["loss"] if recorder.train_log else None, "device": str(device)}
     write_json(out_dir / "run.json", summary)
     if not settings.get("keep_states", False):
         shutil.rmtree(work, ignore_errors=True)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from traitmon.capture import Messages, encode_chats, prompt_ids
+from traitmon.chat import Messages, encode_chats, encode_prompt
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, prompts: list[Messages], max_new_tokens: int = 48,
-                       temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
+def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
+                       max_new_tokens: int = 48, temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
                        desc: str = "generate") -> list[str]:
     """One response per prompt. ``temperature == 0`` is greedy. Each batch is seeded from ``seed`` and
     its position, so results do not depend on what ran before in the process."""
     device = next(model.parameters()).device
-    order = np.argsort([len(prompt_ids(tokenizer, p)) for p in prompts], kind="stable")
+    order = np.argsort([len(encode_prompt(tokenizer, p)) for p in prompts], kind="stable")
     out: list[str | None] = [None] * len(prompts)
     for n, start in enumerate(tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False)):
         idx = order[start:start + batch_size]
