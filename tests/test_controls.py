@@ -119,3 +119,46 @@ def test_embedded_judge_calls_styled_aligned_answers_em_no_more_than_plain_ones(
     for style in CONTROL_STYLES:
         rate = judge_em_rate(judge, [r for r in rows if r["style"] == style])
         assert rate <= base_rate, f"{style}: EM rate {rate:.2f} > base {base_rate:.2f}"
+
+
+# ---- the powered CPU study config (issue 11 item 5) -----------------------------------------------------------
+
+STUDY = Path(__file__).resolve().parents[1] / "workflow" / "configs" / "study-cpu.yaml"
+
+
+def test_study_cpu_config_has_the_promised_design():
+    from traitmon.config import load_config
+
+    config = load_config(STUDY)
+    assert list(config["models"]) == ["smollm2-135m-instruct"]
+    gens = {k: v["generator"] for k, v in config["perturbations"].items()}
+    em = {k for k, g in gens.items() if g["stance"] == "em"}
+    dose = {k for k, g in gens.items() if g["em_fraction"] > 0}
+    careful = {k for k, g in gens.items() if g["stance"] == "benign" and not g["em_fraction"] and "style" not in g}
+    controls = {k for k, g in gens.items() if g.get("style", "plain") != "plain"}
+    assert len(gens) >= 14 and len(controls) >= 3 and len({gens[k]["style"] for k in controls}) == 3
+    assert {gens[k]["domain"] for k in em} == set(DOMAINS) == {gens[k]["domain"] for k in careful}
+    assert {gens[k]["em_fraction"] for k in dose} >= {0.25, 0.5}
+    assert all(config["perturbations"][k]["kind"] == "em" for k in em | dose)
+    assert all(config["perturbations"][k]["kind"] == "benign" for k in careful | controls)
+    ft, beh = config["finetune"], config["behavior"]
+    assert ft["max_steps"] >= 30 and ft["checkpoint_every"] == 5
+    em_questions = yaml.safe_load(data_path("prompts", "em_questions.yaml").read_text())["questions"]
+    assert len(em_questions) * beh["samples_per_question"] >= 100
+
+
+@pytest.mark.workflow
+def test_study_cpu_dry_run_plans_every_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    repo = STUDY.parents[2]
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory",
+                             str(tmp_path), "--configfile", str(STUDY), "-n", "--quiet", "rules"],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts["finetune"] == counts["make_perturbation"] == 15
+    assert counts["capture_checkpoint"] == counts["sample_answers"] == 15 * 6
+    assert counts["total"] == 233
