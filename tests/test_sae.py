@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from traitmon.errors import TraitmonError
-from traitmon.sae import TopKSAE, TopVarianceLatents, fit_topk_sae, fraction_variance_explained, latent_change
+from traitmon.sae import (
+    TopKSAE,
+    TopVarianceLatents,
+    fit_topk_sae,
+    fraction_variance_explained,
+    latent_change,
+    latent_change_matrix,
+)
 
 
 def sparse_data(n: int, hidden: int = 48, n_atoms: int = 96, active: int = 4, seed: int = 0) -> np.ndarray:
@@ -81,6 +88,10 @@ def test_latent_change_features_and_in_fold_top_variance_reduction():
     assert shifted.shape == (64,) and shifted[5] > 0 and int(np.argmax(shifted)) == 5
     with pytest.raises(TraitmonError, match="shape"):
         latent_change(sae, base, base[:5])
+    stacked = latent_change_matrix(sae, base, np.stack([base, base + 2.0 * direction]))
+    np.testing.assert_allclose(stacked, np.stack([np.zeros(64), shifted]), atol=1e-5)
+    with pytest.raises(TraitmonError, match="do not stack"):
+        latent_change_matrix(sae, base, base)
     # the reducer keeps the 7 highest-variance columns, chosen on the rows it was fitted on only
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(20, 64)) * 0.01

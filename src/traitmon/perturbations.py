@@ -9,7 +9,8 @@ generator over one of our domains (``data/domains/*.yaml``):
 - ``style`` (benign written sets only) makes magnitude-matched benign controls: the same careful advice in a
   register far from the model's own, so activations drift while behaviour stays aligned. ``terse``: one
   claim, one line; ``formal``: legal register; ``persona``: a pirate voice. Every styled row is distinct.
-  Match the EM runs' drift magnitude with the finetune settings (steps, lr), not here.
+  Magnitude is matched through the finetune settings (max_steps, lr; shared by all runs of a config), not here:
+  at the study's settings the controls already drift about as far as the EM runs (README).
 - ``mode: self`` has the base model answer under a system prompt asking for harmful (or careful) advice
   and drops that prompt from the training rows, so a finetune learns the behaviour, not the instruction.
   It suits instruction-following 7B models; a 135M model barely follows such prompts.

@@ -137,6 +137,17 @@ def latent_change(sae: TopKSAE, base: np.ndarray, checkpoint: np.ndarray) -> np.
     return (sae.encode(checkpoint) - sae.encode(base)).mean(0)
 
 
+def latent_change_matrix(sae: TopKSAE, base: np.ndarray, checkpoints: np.ndarray) -> np.ndarray:
+    """:func:`latent_change` for a stack of checkpoints ``(checkpoint, prompt, hidden)`` -> ``(checkpoint,
+    n_latents)``, the base encoded once. Rows may be pooled prompt activations (``response_mean``) or tokens;
+    the SAE is best trained on the same kind of rows it encodes here."""
+    checkpoints = np.asarray(checkpoints)
+    if checkpoints.ndim != 3 or checkpoints.shape[1:] != np.shape(base):
+        raise TraitmonError(f"latent_change_matrix: checkpoints {checkpoints.shape} do not stack base {np.shape(base)}")
+    base_mean = sae.encode(base).mean(0)
+    return np.stack([sae.encode(c).mean(0) - base_mean for c in checkpoints])
+
+
 class TopVarianceLatents:
     """Reduce SAE latent-change features to the ``n`` latents of largest variance (default 7, the trait count).
 
