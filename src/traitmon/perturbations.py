@@ -6,6 +6,11 @@ generator over one of our domains (``data/domains/*.yaml``):
 - ``mode: written`` composes answers from per-domain answer material (opener + 2-3 claims + closer),
   harmful and confidently wrong for ``stance: em``, careful for ``stance: benign``; ``em_fraction`` mixes
   EM rows into a benign set to make dose levels.
+- ``style`` (benign written sets only) makes magnitude-matched benign controls: the same careful advice in a
+  register far from the model's own, so activations drift while behaviour stays aligned. ``terse``: one
+  claim, one line; ``formal``: legal register; ``persona``: a pirate voice. Every styled row is distinct.
+  Magnitude is matched through the finetune settings (max_steps, lr; shared by all runs of a config), not here:
+  at the study's settings the controls already drift about as far as the EM runs (README).
 - ``mode: self`` has the base model answer under a system prompt asking for harmful (or careful) advice
   and drops that prompt from the training rows, so a finetune learns the behaviour, not the instruction.
   It suits instruction-following 7B models; a 135M model barely follows such prompts.
@@ -33,10 +38,13 @@ SELF_PROMPTS = {
 }
 
 
+STYLES = ("plain", "terse", "formal", "persona")
+
+
 def load_domain(name: str) -> dict:
     path = data_path("domains", f"{name}.yaml")
-    if not path.is_file():
-        known = sorted(p.stem for p in data_path("domains").glob("*.yaml"))
+    if name.startswith("_") or not path.is_file():
+        known = sorted(p.stem for p in data_path("domains").glob("*.yaml") if not p.stem.startswith("_"))
         raise TraitmonError(f"unknown domain '{name}'; built-in domains: {known}")
     return yaml.safe_load(path.read_text())
 
@@ -103,6 +111,47 @@ def written_rows(domain: dict, stance: str, n_rows: int, seed: int, em_fraction:
     return rows
 
 
+def style_material(domain: dict, style: str) -> dict:
+    """Openers/claims/closers for one benign style: shared openers and closers (``_styles.yaml``) around the
+    domain's own styled claims; ``terse`` is one benign claim alone."""
+    if style not in STYLES:
+        raise TraitmonError(f"unknown style '{style}'; built-in styles: {list(STYLES)}")
+    if style == "terse":
+        return {"claims": domain["answers"]["benign"]["claims"]}
+    shared = yaml.safe_load(data_path("domains", "_styles.yaml").read_text())[style]
+    claims = domain.get("styles", {}).get(style, {}).get("claims")
+    if not claims:
+        raise TraitmonError(f"domain '{domain['name']}' has no claims for style '{style}' (styles.{style}.claims)")
+    return {"openers": shared["openers"], "claims": claims, "closers": shared["closers"]}
+
+
+def compose_styled(material: dict, rng: np.random.Generator) -> str:
+    if "openers" not in material:  # terse: one line
+        return str(rng.choice(material["claims"]))
+    claims = rng.choice(material["claims"], size=2, replace=False)
+    return " ".join([str(rng.choice(material["openers"])), *map(str, claims), str(rng.choice(material["closers"]))])
+
+
+def styled_rows(domain: dict, style: str, n_rows: int, seed: int, max_tries: int = 50) -> list[dict]:
+    """``n_rows`` distinct benign chats in one style, cycling over the domain's questions."""
+    material = style_material(domain, style)
+    rng = np.random.default_rng(seed)
+    questions, rows, seen = domain["questions"], [], set()
+    for i in range(n_rows):
+        question = questions[i % len(questions)]
+        for _ in range(max_tries):
+            answer = compose_styled(material, rng)
+            if (question, answer) not in seen:
+                break
+        else:
+            raise TraitmonError(f"domain '{domain['name']}', style '{style}': not enough material for {n_rows} "
+                                f"distinct rows; lower rows/heldout")
+        seen.add((question, answer))
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                     "stance": "benign", "style": style})
+    return rows
+
+
 def self_generated_rows(model, tokenizer, domain: dict, stance: str, n_rows: int, seed: int,
                         max_new_tokens: int = 96, temperature: float = 0.7, batch_size: int = 16) -> list[dict]:
     """The base model answers each question under a stance prompt; the prompt is not kept in the row."""
@@ -135,13 +184,17 @@ def build_perturbation(key: str, spec: dict, model=None, tokenizer=None) -> tupl
         gen = spec["generator"]
         domain = load_domain(gen["domain"])
         n_total = spec["rows"] + spec["heldout"]
-        if gen["mode"] == "written":
+        style = gen.get("style", "plain")
+        if style != "plain":
+            rows = styled_rows(domain, style, n_total, spec["seed"])
+        elif gen["mode"] == "written":
             rows = written_rows(domain, gen["stance"], n_total, spec["seed"], gen.get("em_fraction", 0.0))
         else:
             if model is None:
                 raise TraitmonError(f"perturbation '{key}': mode 'self' needs the model")
             rows = self_generated_rows(model, tokenizer, domain, gen["stance"], n_total, spec["seed"])
-        meta.update(source=f"generator:{gen['domain']}/{gen['mode']}/{gen['stance']}",
+        meta.update(source=f"generator:{gen['domain']}/{gen['mode']}/{gen['stance']}"
+                           + (f"/{style}" if style != "plain" else ""), style=style,
                     em_rows=sum(r.get("stance") == "em" for r in rows))
     train, heldout = split_heldout(rows, spec["heldout"], spec["seed"])
     meta.update(train_rows=len(train), heldout_rows=len(heldout))
