@@ -261,6 +261,8 @@ def cmd_train_sae(args) -> None:
     from traitmon.sae import fit_topk_sae
 
     _set_threads(args.threads)
+    if args.layer is None and not args.directions:
+        raise TraitmonError("train-sae: give --layer or the --directions whose median chosen layer it is")
     layer = args.layer if args.layer is not None else trait_layer(args.directions)
     settings = _settings(args.settings)
     sae = fit_topk_sae(sae_training_rows(args.capture, layer), **settings)
@@ -545,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-sae", help="train a TopK SAE on a base capture store at one layer")
     p.add_argument("--capture", required=True, help="the base model's capture store")
-    p.add_argument("--directions", nargs="+", required=True, help="trait directions (the layer: their median)")
+    p.add_argument("--directions", nargs="*", help="trait directions (the layer: their median chosen layer)")
     p.add_argument("--layer", type=int, help="hidden_states layer (default: the traits' median chosen layer)")
     p.add_argument("--model-key", default="")
     p.add_argument("--settings", default="{}", help="JSON: n_latents, k, steps, batch_size, lr, seed")
