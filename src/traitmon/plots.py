@@ -205,7 +205,7 @@ def verdict(frame: pd.DataFrame) -> Figure:
     ax.set_yticks(np.arange(len(baselines))[::-1], baselines)
     ax.set(xlabel="AUROC difference, trait monitor - baseline (95% run-bootstrap interval)",
            title="Does the trait basis beat drift magnitude, random directions, PCA-7 and the SAE?")
-    ax.legend(title="held out", loc="lower right", fontsize=8)
+    ax.legend(title="held out", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return fig
 
 
