@@ -90,3 +90,19 @@ def test_analyze_writes_every_declared_output_with_intervals(tmp_path):
     assert FittedMonitor.load(paths["monitor"]).calibration["method"] == "platt"
     warning = pd.read_csv(paths["early_warning"])
     assert {"false_alarms_before_crossover", "persistence"} <= set(warning.columns)
+
+
+def test_perturbation_domain_key_is_validated():
+    import pytest
+
+    from traitmon.config import validate_config
+    from traitmon.errors import TraitmonError
+
+    base = {"models": {"m": {"source": {"random": {}}}}, "traits": ["honesty"],
+            "perturbations": {"a": {"kind": "em", "dataset": "a.jsonl", "domain": "clinic"},
+                              "b": {"kind": "benign", "generator": {"domain": "medical", "stance": "benign"}}}}
+    config = validate_config(base)
+    assert config["perturbations"]["a"]["domain"] == "clinic" and config["analysis"]["sae"]["k"] == 16
+    base["perturbations"]["a"]["domain"] = "two words"
+    with pytest.raises(TraitmonError, match="domain"):
+        validate_config(base)
