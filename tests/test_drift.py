@@ -116,3 +116,46 @@ def test_drift_cli_takes_capture_paths_and_named_eval_logs(tmp_path, study):
     bad = args.copy()
     bad[bad.index("--eval-logs") + 1] = logs["a"]
     assert main(bad) == 2
+
+
+def test_raw_drift_norm_is_base_normalised_and_runs_carry_domain_and_style(tmp_path, study):
+    dirs, captures, behavior, logs = study
+    kinds = dict.fromkeys(PERTS, "em")
+    one = build_drift_table(captures, dirs, behavior, logs, kinds, domains={"a": "medical", "b": "medical"},
+                            styles={"c": "terse"})["table"]
+    big = build_drift_table(_captures(tmp_path / "big", scale=100.0), dirs, behavior, logs, kinds)["table"]
+    np.testing.assert_allclose(big.raw_drift_norm, one.raw_drift_norm, rtol=1e-4, atol=1e-6)
+    assert (one.raw_drift_norm[one.step == 0] == 0).all()
+    # perturbation k moves hidden 0 by 0.1 (k + 1) step and hidden 2 by half that: the norm grows with both
+    last = one[one.step == 4].set_index("perturbation").raw_drift_norm
+    assert last["a"] < last["b"] < last["c"]
+    np.testing.assert_allclose(last["c"] / last["a"], 3.0, rtol=1e-4)
+    assert dict(zip(one.perturbation, one.domain)) == {"a": "medical", "b": "medical", "c": "c"}
+    assert dict(zip(one.perturbation, one["style"])) == {"a": "plain", "b": "plain", "c": "terse"}
+
+
+def test_train_sae_and_drift_write_sae_latent_change(tmp_path, study):
+    from traitmon.sae import TopKSAE
+
+    dirs, captures, behavior, logs = study
+    base = next(p for p in captures if "base" in p)
+    sae_path = tmp_path / "sae" / "sae.safetensors"
+    assert main(["train-sae", "--capture", base, "--directions", *dirs, "--out", str(sae_path),
+                 "--settings", '{"n_latents": 16, "k": 4, "steps": 50}']) == 0
+    sae = TopKSAE.load(sae_path)
+    assert sae.info["layer"] == 1 and sae.n_latents == 16  # the directions' chosen layer
+    assert main(["train-sae", "--capture", base, "--out", str(tmp_path / "x.safetensors")]) == 2  # no layer given
+    out = tmp_path / "out"
+    args = ["drift", "--captures", *captures, "--directions", *dirs, "--behavior", behavior,
+            "--eval-logs", *[f"{p}={path}" for p, path in logs.items()], "--kinds", *[f"{p}:em" for p in PERTS],
+            "--domains", "a:x", "b:x", "c:y", "--table", str(out / "drift.csv"), "--store", str(out / "d.zarr"),
+            "--raw", str(out / "raw.zarr"), "--random", str(out / "random.csv"), "--sae", str(sae_path),
+            "--sae-drift", str(out / "sae.zarr")]
+    assert main(args) == 0
+    from traitmon.store import open_dataset
+
+    change = open_dataset(out / "sae.zarr", load=True)["latent_change"]
+    assert change.dims == ("model", "perturbation", "step", "latent") and change.sizes["latent"] == 16
+    np.testing.assert_allclose(change.sel(step=0).values, 0.0, atol=1e-6)
+    assert np.abs(change.sel(perturbation="c", step=4).values).sum() > 0
+    assert list(pd.read_csv(out / "drift.csv").drop_duplicates("perturbation").domain) == ["x", "x", "y"]

@@ -6,6 +6,7 @@ import pytest
 
 from traitmon.cli import main
 from traitmon.drift import em_axis
+from traitmon.errors import TraitmonError
 from traitmon.monitor import FittedMonitor, early_warning, evaluate_lopo, rates, threshold_for_fnr
 from traitmon.stats import correlation
 
@@ -122,3 +123,19 @@ def test_monitor_cli_rejects_table_without_features(tmp_path):
     path = tmp_path / "bad.csv"
     pd.DataFrame({"model": ["m"], "perturbation": ["a"], "step": [1], "em_rate": [0.1]}).to_csv(path, index=False)
     assert main(["monitor", "--table", str(path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_leave_one_domain_out_holds_every_run_of_a_domain_out_together():
+    table, _ = synthetic_study(seed=3)
+    table["domain"] = table.perturbation.map(lambda p: f"d{int(p.split('-')[1]) % 3}")
+    feats = [f"drift_{t}" for t in TRAITS]
+    metrics, before = evaluate_lopo(table, feats, theta=0.1, target_fnr=0.1, group="domain")
+    assert metrics["held_out_by"] == "domain" and [f["domain"] for f in metrics["folds"]] == ["d0", "d1", "d2"]
+    for held in ("d0", "d1", "d2"):
+        changed = table.copy()
+        mask = changed.domain == held
+        changed.loc[mask, "em_rate"] = 1.0 - changed.loc[mask, "em_rate"]  # flip every label of the domain
+        _, after = evaluate_lopo(changed, feats, theta=0.1, target_fnr=0.1, group="domain")
+        np.testing.assert_allclose(after.score[mask], before.score[mask])
+    with pytest.raises(TraitmonError, match="no 'domain' column"):
+        evaluate_lopo(table.drop(columns="domain"), feats, theta=0.1, group="domain")

@@ -91,6 +91,10 @@ def test_finetune_capture_behavior_and_analysis_outputs(tiny_study):
     assert (drift[drift.step == 0][["drift_honesty", "drift_sycophancy"]].abs() < 1e-6).all().all()
     assert (results / "analysis/monitor/metrics.json").is_file()
     assert (results / "analysis/figures/roc_curves.png").is_file()
+    assert (drift.raw_drift_norm[drift.step > 0] > 0).all() and set(drift.domain) == {"medical", "financial", "career"}
+    assert (results / "sae/tiny/sae.safetensors").is_file() and (results / "analysis/figures/verdict.png").is_file()
+    verdict = pd.read_csv(results / "analysis/verdict.csv")
+    assert set(verdict.evaluation) == {"lopo", "lodo"} and "sae" in set(verdict.key)
 
 
 def test_report_builds(tiny_study):

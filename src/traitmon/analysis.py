@@ -11,8 +11,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from traitmon import plots
-from traitmon.baselines import loss_ppl_features, run_baselines, seed_spread
+from traitmon.baselines import loss_ppl_features, magnitude_features, run_baselines, seed_spread
 from traitmon.drift import em_axis, pc1_scores
+from traitmon.errors import TraitmonError
 from traitmon.monitor import (
     FittedMonitor,
     base_once,
@@ -30,7 +31,11 @@ from traitmon.store import open_dataset
 PAPER = {"auroc": 0.990, "fnr": 0.022, "fpr": 0.029, "pc1_variance": 0.655}
 MONITOR = "trait monitor"
 LABELS = {MONITOR: "trait monitor (7-d drift)", "pca7": "pca7 (raw activation drift)",
-          "loss_ppl": "loss + perplexity", "random7": "random7 (mean over seeds)"}
+          "loss_ppl": "loss + perplexity", "random7": "random7 (mean over seeds)",
+          "raw_norm": "raw drift norm (magnitude)", "trait_norm": "7-d trait drift norm (magnitude)",
+          "sae": "sae latents (top-variance 7)"}
+# the verdict's question: does the trait basis beat these?
+VERDICT_METHODS = ["raw_norm", "trait_norm", "random7", "pca7", "sae"]
 
 
 @dataclass
@@ -43,20 +48,29 @@ class Analysis:
     monitor: FittedMonitor | None = None
 
 
-def read_inputs(drift_csvs: list[str], raw_stores: list[str], random_csvs: list[str]):
-    """The pooled drift table, raw drift per model (checkpoint rows, table order) and random tables per seed."""
-    table = pd.concat([pd.read_csv(p) for p in drift_csvs], ignore_index=True)
-    rows = checkpoint_rows(table)
-    raw = {}
-    for path in raw_stores:
+def _per_row(rows: pd.DataFrame, paths: list[str], variable: str) -> dict[str, np.ndarray]:
+    """One vector per checkpoint row of each model (table order) from per-model stores of ``variable``."""
+    out = {}
+    for path in paths:
         ds = open_dataset(path, load=True)
         model = ds.attrs["model"]
-        sub, arr = rows[rows.model == model], ds["raw_drift"].sel(model=model)
-        raw[model] = np.stack([arr.sel(perturbation=p, step=s).values.astype(np.float32)
+        sub, arr = rows[rows.model == model], ds[variable].sel(model=model)
+        out[model] = np.stack([arr.sel(perturbation=p, step=s).values.astype(np.float32)
                                for p, s in zip(sub.perturbation, sub.step)])
+    return out
+
+
+def read_inputs(drift_csvs: list[str], raw_stores: list[str], random_csvs: list[str],
+                sae_stores: list[str] | None = None):
+    """The pooled drift table, raw drift per model (checkpoint rows, table order), random tables per seed and
+    SAE latent change per model (empty without SAE stores)."""
+    table = pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in drift_csvs],
+                      ignore_index=True)
+    rows = checkpoint_rows(table)
     random_tables = [group.drop(columns="seed") for _, group in
                      pd.concat([pd.read_csv(p) for p in random_csvs]).groupby("seed")]
-    return table, raw, random_tables
+    return (table, _per_row(rows, raw_stores, "raw_drift"), random_tables,
+            _per_row(rows, sae_stores or [], "latent_change"))
 
 
 def correlations(table: pd.DataFrame, traits: list[str]) -> pd.DataFrame:
@@ -68,25 +82,70 @@ def correlations(table: pd.DataFrame, traits: list[str]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def comparison_table(comparison: dict, baselines: dict) -> pd.DataFrame:
+def comparison_table(comparison: dict, baselines: dict, evaluation: str = "lopo") -> pd.DataFrame:
     """One row per method: metrics with intervals and the paired difference (trait monitor - method)."""
     rows = []
     for name, entry in comparison["methods"].items():
-        row = {"method": LABELS.get(name, name), "key": name}
+        row = {"evaluation": evaluation, "method": LABELS.get(name, name), "key": name}
         for k, v in entry.items():
             if isinstance(v, list):
                 row[f"{k}_low"], row[f"{k}_high"] = v
             else:
                 row[k] = v
         rows.append(row)
-    rows.append({"method": "paper: trait monitor", "key": "paper", **{k: PAPER[k] for k in ("auroc", "fnr", "fpr")}})
-    rows.append({"method": "sae latents", "key": "sae", "note": "not built yet"})
+    if evaluation == "lopo":
+        rows.append({"evaluation": evaluation, "method": "paper: trait monitor", "key": "paper",
+                     **{k: PAPER[k] for k in ("auroc", "fnr", "fpr")}})
     frame = pd.DataFrame(rows)
     if "random7" in baselines:
         spread = seed_spread(baselines["random7"])
         for k, v in spread.items():
             frame.loc[frame.key == "random7", k] = v
     return frame
+
+
+def _answer(low: float | None, high: float | None) -> str:
+    if low is None or high is None:
+        return "undefined (one class)"
+    return "trait basis better" if low > 0 else "baseline better" if high < 0 else "cannot tell apart"
+
+
+def verdict_table(comparisons: dict[str, dict]) -> pd.DataFrame:
+    """Does the trait basis beat magnitude, random directions, PCA-7 and the SAE? Per evaluation (LOPO, LODO)
+    and baseline: both AUROCs and the paired difference trait monitor - baseline with its run-bootstrap
+    interval; ``answer`` reads the interval (excludes 0 above: trait basis better; below: baseline better)."""
+    rows = []
+    for evaluation, comparison in comparisons.items():
+        monitor = comparison["methods"][MONITOR]
+        for key in [k for k in VERDICT_METHODS if k in comparison["methods"]]:
+            entry = comparison["methods"][key]
+            low, high = entry["auroc_diff_ci"]
+            rows.append({"evaluation": evaluation, "baseline": LABELS[key], "key": key,
+                         "monitor_auroc": monitor["auroc"], "baseline_auroc": entry["auroc"],
+                         "baseline_auroc_low": entry["auroc_ci"][0], "baseline_auroc_high": entry["auroc_ci"][1],
+                         "auroc_diff": entry["auroc_diff"], "auroc_diff_low": low, "auroc_diff_high": high,
+                         "fnr_diff": entry["fnr_diff"], "fpr_diff": entry["fpr_diff"],
+                         "n_runs": comparison["n_runs"], "answer": _answer(low, high)})
+    return pd.DataFrame(rows)
+
+
+def controls_match(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model: median final-checkpoint raw-drift norm of the EM runs and of the matched controls (benign
+    runs with a style; all benign runs when none has one, said in ``controls``); ``match`` = controls >= EM."""
+    last = table[table.step == table.groupby(["model", "perturbation"]).step.transform("max")]
+    last = last[last.step > 0]
+    rows = []
+    for model, runs in last.groupby("model"):
+        styled = (runs.kind == "benign") & (runs.get("style", pd.Series("plain", index=runs.index)) != "plain")
+        controls = runs[styled] if styled.any() else runs[runs.kind == "benign"]
+        em = runs[runs.kind == "em"]
+        med_c, med_e = float(controls.raw_drift_norm.median()), float(em.raw_drift_norm.median())
+        rows.append({"model": model, "final_step": int(runs.step.max()),
+                     "controls": "style controls" if styled.any() else "benign runs (no style controls)",
+                     "n_controls": len(controls), "n_em": len(em), "control_median_raw_drift_norm": med_c,
+                     "em_median_raw_drift_norm": med_e, "ratio": med_c / med_e if med_e else float("nan"),
+                     "match": bool(med_c >= med_e)})
+    return pd.DataFrame(rows)
 
 
 def theta_sweep(rows: pd.DataFrame, features: list[str], thetas: list[float], target_fnr: float) -> pd.DataFrame:
@@ -106,9 +165,30 @@ def warning_table(preds: pd.DataFrame, rows: pd.DataFrame, theta: float, persist
     return early_warning(merged, persistence)
 
 
+def evaluate_methods(full: pd.DataFrame, features: list[str], raw, random_tables, sae, theta: float,
+                     target_fnr: float, n_boot: int, group: str):
+    """The monitor and every baseline held out by ``group``, compared on the same run resamples."""
+    metrics, preds = evaluate_lopo(full, features, theta, target_fnr, group=group)
+    baselines = run_baselines(full, raw, random_tables, theta, target_fnr, sae, group)
+    comparison = compare_methods({MONITOR: preds, **baselines}, MONITOR, n_boot=n_boot)
+    return metrics, preds, baselines, comparison
+
+
+def lodo(full, features, raw, random_tables, sae, theta, target_fnr, n_boot) -> tuple[dict, dict | None]:
+    """Leave-one-domain-out metrics with their comparison, or the reason it was skipped."""
+    domains = checkpoint_rows(full).get("domain")
+    if domains is None or domains.nunique() < 2:
+        return {"skipped": "needs a domain column with at least 2 domains"}, None
+    metrics, _, baselines, comparison = evaluate_methods(full, features, raw, random_tables, sae, theta,
+                                                         target_fnr, n_boot, "domain")
+    metrics.update(intervals=comparison["methods"][MONITOR], comparison=comparison,
+                   domains=sorted(domains.astype(str).unique()))
+    return metrics, comparison_table(comparison, baselines, "lodo")
+
+
 def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables: list[pd.DataFrame], theta: float,
                  target_fnr: float, thetas: list[float], persistence: int = 2, n_boot: int = 2000,
-                 source: str = "drift table") -> Analysis:
+                 source: str = "drift table", sae: dict[str, np.ndarray] | None = None) -> Analysis:
     traits = [c.removeprefix("drift_") for c in table.columns if c.startswith("drift_")]
     out = Analysis()
     axis = em_axis(table, traits)
@@ -116,21 +196,30 @@ def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables:
     out.tables["drift"], out.documents["axis"] = table, axis
     out.tables["correlations"] = correlations(table, traits)
 
-    full = loss_ppl_features(table)  # deltas need step 0, dropped by every evaluation below
+    if "raw_drift_norm" not in table:
+        raise TraitmonError(f"{source}: no raw_drift_norm column (written by `traitmon drift`; rerun the drift rule)")
+    full = magnitude_features(loss_ppl_features(table))  # deltas need step 0, dropped by every evaluation below
     features = validate_table(full, source)
-    metrics, preds = evaluate_lopo(full, features, theta, target_fnr)
-    baselines = run_baselines(full, raw, random_tables, theta, target_fnr)
-    comparison = compare_methods({MONITOR: preds, **baselines}, MONITOR, n_boot=n_boot)
+    metrics, preds, baselines, comparison = evaluate_methods(full, features, raw, random_tables, sae, theta,
+                                                             target_fnr, n_boot, "perturbation")
+    lodo_metrics, lodo_table = lodo(full, features, raw, random_tables, sae, theta, target_fnr, n_boot)
     metrics.update(paper=PAPER, intervals=comparison["methods"][MONITOR], comparison=comparison,
-                   persistence=persistence)
+                   persistence=persistence, lodo=lodo_metrics)
     out.documents["metrics"] = metrics
-    out.tables["predictions"], out.tables["baselines"] = preds, comparison_table(comparison, baselines)
+    out.tables["predictions"] = preds
+    out.tables["baselines"] = pd.concat([comparison_table(comparison, baselines), lodo_table], ignore_index=True)
+    comparisons = {"lopo": comparison, **({"lodo": lodo_metrics["comparison"]} if lodo_table is not None else {})}
+    out.tables["verdict"] = verdict_table(comparisons)
+    out.tables["controls_match"] = controls_match(full)
     rows = checkpoint_rows(full)
     out.monitor = fit_monitor(rows[features].to_numpy(float), rows.em_rate.to_numpy(float),
                               rows.perturbation.to_numpy(), theta, target_fnr, candidates(), features)
     out.tables["early_warning"] = warning_table(preds, rows, theta, persistence)
     out.tables["theta_sweep"] = theta_sweep(full, features, thetas, target_fnr)
-    out.figures = figures(table, traits, axis, out.tables["correlations"], preds, baselines, comparison, theta)
+    out.figures = figures(full, traits, axis, out.tables["correlations"], preds, baselines, comparison, theta)
+    out.figures.update(verdict=plots.verdict(out.tables["verdict"]),
+                       lead_distribution=plots.lead_distribution(out.tables["early_warning"]),
+                       raw_drift_norm=plots.raw_drift_norm(full))
     return out
 
 

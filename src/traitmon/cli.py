@@ -237,11 +237,37 @@ def cmd_drift(args) -> None:
     _set_threads(args.threads)
     eval_logs = _pairs(args.eval_logs, "=", "--eval-logs", "PERTURBATION=PATH")
     kinds = _pairs(args.kinds, ":", "--kinds", "PERTURBATION:KIND")
-    out = build_drift_table(args.captures, args.directions, args.behavior, eval_logs, kinds, args.variant)
+    domains = _pairs(args.domains or [], ":", "--domains", "PERTURBATION:DOMAIN")
+    styles = _pairs(args.styles or [], ":", "--styles", "PERTURBATION:STYLE")
+    if bool(args.sae) != bool(args.sae_drift):
+        raise TraitmonError("--sae and --sae-drift go together (the SAE in, its latent-change store out)")
+    sae = None
+    if args.sae:
+        from traitmon.sae import TopKSAE
+
+        sae = TopKSAE.load(args.sae)
+    out = build_drift_table(args.captures, args.directions, args.behavior, eval_logs, kinds, args.variant,
+                            domains=domains, styles=styles, sae=sae)
     write_csv(args.table, out["table"])
     write_dataset(out["drift"].astype("float32"), args.store)
     write_dataset(out["raw"].astype("float32"), args.raw)
     write_csv(args.random, out["random"])
+    if sae is not None:
+        write_dataset(out["sae"], args.sae_drift)
+
+
+def cmd_train_sae(args) -> None:
+    from traitmon.drift import sae_training_rows, trait_layer
+    from traitmon.sae import fit_topk_sae
+
+    _set_threads(args.threads)
+    if args.layer is None and not args.directions:
+        raise TraitmonError("train-sae: give --layer or the --directions whose median chosen layer it is")
+    layer = args.layer if args.layer is not None else trait_layer(args.directions)
+    settings = _settings(args.settings)
+    sae = fit_topk_sae(sae_training_rows(args.capture, layer), **settings)
+    sae.info.update(layer=layer, model=args.model_key, source="trained by traitmon on the base capture")
+    sae.save(args.out)
 
 
 def _pairs(items: list[str], sep: str, flag: str, form: str) -> dict[str, str]:
@@ -252,10 +278,12 @@ def _pairs(items: list[str], sep: str, flag: str, form: str) -> dict[str, str]:
 
 
 ANALYSIS_TABLES = {"drift": "drift_table", "correlations": "correlations", "baselines": "baselines",
-                   "early_warning": "early_warning", "theta_sweep": "theta_sweep_table"}
+                   "early_warning": "early_warning", "theta_sweep": "theta_sweep_table", "verdict": "verdict",
+                   "controls_match": "controls_match"}
 ANALYSIS_FIGURES = {"drift_trajectories": "figure_drift", "pc1_loadings": "figure_loadings",
                     "pc1_vs_em": "figure_scatter", "roc_curves": "figure_roc", "em_and_alarms": "figure_alarms",
-                    "comparison": "figure_comparison"}
+                    "comparison": "figure_comparison", "verdict": "figure_verdict",
+                    "lead_distribution": "figure_lead", "raw_drift_norm": "figure_raw_norm"}
 
 
 def cmd_analyze(args) -> None:
@@ -263,9 +291,9 @@ def cmd_analyze(args) -> None:
     from traitmon.io import write_csv, write_json
     from traitmon.plots import save
 
-    table, raw, random_tables = read_inputs(args.drift, args.raw, args.random)
+    table, raw, random_tables, sae = read_inputs(args.drift, args.raw, args.random, args.sae_drift)
     result = run_analysis(table, raw, random_tables, args.theta, args.target_fnr, args.theta_sweep,
-                          args.persistence, args.n_boot, source=" + ".join(args.drift))
+                          args.persistence, args.n_boot, source=" + ".join(args.drift), sae=sae)
     for name, flag in ANALYSIS_TABLES.items():
         write_csv(getattr(args, flag), result.tables[name])
     write_csv(args.predictions, result.tables["predictions"][PREDICTION_COLUMNS])
@@ -510,13 +538,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--raw", required=True)
     p.add_argument("--random", required=True)
+    p.add_argument("--domains", nargs="*", help="PERTURBATION:DOMAIN (leave-one-domain-out groups)")
+    p.add_argument("--styles", nargs="*", help="PERTURBATION:STYLE (run metadata for the report)")
+    p.add_argument("--sae", help="TopK SAE (safetensors, JSON beside it) for the SAE-latent baseline")
+    p.add_argument("--sae-drift", help="output: SAE latent-change store")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_drift)
+
+    p = sub.add_parser("train-sae", help="train a TopK SAE on a base capture store at one layer")
+    p.add_argument("--capture", required=True, help="the base model's capture store")
+    p.add_argument("--directions", nargs="*", help="trait directions (the layer: their median chosen layer)")
+    p.add_argument("--layer", type=int, help="hidden_states layer (default: the traits' median chosen layer)")
+    p.add_argument("--model-key", default="")
+    p.add_argument("--settings", default="{}", help="JSON: n_latents, k, steps, batch_size, lr, seed")
+    p.add_argument("--out", required=True, help="SAE .safetensors (its .json is written beside it)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_train_sae)
 
     p = sub.add_parser("analyze", help="EM axis, monitor (LOPO), baselines with intervals, early warning, figures")
     p.add_argument("--drift", nargs="+", required=True, help="per-model drift.csv")
     p.add_argument("--raw", nargs="+", required=True, help="per-model raw_drift.zarr")
     p.add_argument("--random", nargs="+", required=True, help="per-model random_drift.csv")
+    p.add_argument("--sae-drift", nargs="*", help="per-model SAE latent-change stores (the SAE baseline)")
     p.add_argument("--theta", type=float, default=0.1)
     p.add_argument("--target-fnr", type=float, default=0.05)
     p.add_argument("--theta-sweep", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2])

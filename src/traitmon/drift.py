@@ -115,6 +115,45 @@ def raw_drift(sweep: xr.DataArray, layer: int) -> xr.DataArray:
     return (mean - mean.sel(step=0)) / (rms if rms > 0 else 1.0)
 
 
+def raw_drift_norm(sweep: xr.DataArray, layers: list[int]) -> xr.DataArray:
+    """The direction-free magnitude baseline: norm over hidden of the base-normalised raw drift, averaged over the
+    traits' distinct layers ``(model, perturbation, step)``; one scalar per checkpoint, so models pool."""
+    return xr.concat([np.sqrt((raw_drift(sweep, layer) ** 2).sum("hidden")) for layer in layers],
+                     dim="layer").mean("layer")
+
+
+def trait_layer(direction_paths: list[str | Path]) -> int:
+    """The traits' median chosen layer: where the raw-drift PCA baseline and the SAE baseline look."""
+    return int(np.median([int(open_dataset(p).attrs["chosen_layer"]) for p in direction_paths]))
+
+
+def sae_training_rows(capture_path: str | Path, layer: int) -> np.ndarray:
+    """Rows to train an SAE on from one (base) capture store at ``layer``: every pooled activation it holds
+    (response mean and last prompt token of the measurement prompts, general text included), NaN rows dropped."""
+    ds = open_dataset(capture_path, load=True)
+    if layer not in ds.layer.values:
+        raise TraitmonError(f"{capture_path}: no layer {layer} in the capture store (has {ds.layer.values.tolist()})")
+    rows = np.concatenate([ds[v].sel(layer=layer).values.astype(np.float32)
+                           for v in ("response_mean", "last_prompt") if v in ds])
+    return rows[np.isfinite(rows).all(axis=1)]
+
+
+def sae_drift(sweep: xr.DataArray, sae) -> xr.Dataset:
+    """SAE latent change ``(model, perturbation, step, latent)`` at the SAE's layer (``sae.info['layer']``):
+    mean over prompts of encode(checkpoint) - encode(base), step 0 is 0 (``traitmon.sae.latent_change_matrix``)."""
+    from traitmon.sae import latent_change_matrix
+
+    layer = int(sae.info["layer"])
+    acts = sweep.sel(layer=layer).astype(np.float32).compute().transpose(
+        "model", "perturbation", "step", "prompt", "hidden")
+    base = acts.isel(model=0, perturbation=0).sel(step=0).values
+    flat = acts.values.reshape(-1, *acts.shape[-2:])
+    change = latent_change_matrix(sae, base, flat).reshape(*acts.shape[:3], -1)
+    return xr.Dataset({"latent_change": (("model", "perturbation", "step", "latent"), change.astype(np.float32))},
+                      coords={"model": acts.model, "perturbation": acts.perturbation, "step": acts.step},
+                      attrs={"layer": layer, "model": str(acts.model.values[0]), "n_latents": int(change.shape[-1])})
+
+
 def em_axis(table: pd.DataFrame, traits: list[str]) -> dict:
     """PCA of drift profiles: PC1 variance share and loadings, pooled and per model; PC1 stability under
     leave-one-perturbation-out (|cosine| of fold PC1 with the pooled PC1); cross-model |cosine| of PC1."""
@@ -178,7 +217,7 @@ def _drift_frame(drift: xr.DataArray, traits: list[str]) -> pd.DataFrame:
 
 
 def _join_labels(frame: pd.DataFrame, behavior_csv: str, eval_logs: dict[str, str],
-                 kinds: dict[str, str]) -> pd.DataFrame:
+                 kinds: dict[str, str], meta: dict[str, dict[str, str]]) -> pd.DataFrame:
     model = str(frame.model.iloc[0])
     behavior = pd.read_csv(behavior_csv)
     behavior = behavior[behavior.model == model].drop(columns=["model", "kind"], errors="ignore")
@@ -187,19 +226,24 @@ def _join_labels(frame: pd.DataFrame, behavior_csv: str, eval_logs: dict[str, st
     evals = pd.concat([pd.read_csv(path).assign(perturbation=pert) for pert, path in eval_logs.items()])
     table = table.merge(evals, on=["perturbation", "step"], how="left", validate="one_to_one")
     table.insert(2, "kind", table.perturbation.map(kinds))
+    for i, (column, values) in enumerate(meta.items()):  # domain, style: run metadata, never monitor features
+        table.insert(3 + i, column, table.perturbation.map(values).fillna(""))
     return table.sort_values(["perturbation", "step"]).reset_index(drop=True)
 
 
 def build_drift_table(capture_paths: list[str], direction_paths: list[str], behavior_csv: str,
                       eval_logs: dict[str, str], kinds: dict[str, str], variant: str = "response_mean",
-                      random_seeds: int = 5) -> dict:
+                      random_seeds: int = 5, domains: dict[str, str] | None = None,
+                      styles: dict[str, str] | None = None, sae=None) -> dict:
     """Everything the analysis needs for one model, from its capture stores (placed by their attrs):
 
-    - ``table``: ``model, perturbation, kind, step, em_rate, ..., drift_<trait>..., heldout_loss, general_ppl``
-      (drift in units of the base model's spread across prompts)
+    - ``table``: ``model, perturbation, kind, domain, style, step, em_rate, ..., drift_<trait>..., heldout_loss,
+      general_ppl, raw_drift_norm`` (drift in units of the base model's spread across prompts; ``domain``
+      defaults to the perturbation's own name, ``style`` to ``plain``)
     - ``drift``: the xarray Dataset ``(model, perturbation, step, trait)`` (+ per prompt, unscaled, scale)
     - ``raw``: raw activation drift at the median chosen layer ``(model, perturbation, step, hidden)``
     - ``random``: drift along ``random_seeds`` x 7 random unit directions at the traits' layers
+    - ``sae``: SAE latent change at the SAE's layer (``sae_drift``), when an SAE is given
     """
     directions = load_directions(direction_paths, variant)
     traits = [str(t) for t in directions.trait.values]
@@ -208,9 +252,16 @@ def build_drift_table(capture_paths: list[str], direction_paths: list[str], beha
     acts = sweep.sel(layer=layers).astype(np.float32).compute()  # read once, float32 whatever is stored
     drift = drift_profiles(acts, directions)
     model = str(sweep.model.values[0])
-    table = _join_labels(_drift_frame(drift["drift"], traits), behavior_csv, eval_logs, kinds)
-    layer = int(np.median(directions.layer.values))
+    meta = {"domain": {p: (domains or {}).get(p, p) for p in kinds},
+            "style": {p: (styles or {}).get(p, "plain") for p in kinds}}
+    table = _join_labels(_drift_frame(drift["drift"], traits), behavior_csv, eval_logs, kinds, meta)
+    norm = raw_drift_norm(acts, layers).to_dataframe(name="raw_drift_norm").reset_index()
+    table = table.merge(norm[["perturbation", "step", "raw_drift_norm"]], on=["perturbation", "step"], how="left")
+    layer = trait_layer(direction_paths)
     raw = raw_drift(sweep, layer)
-    return {"table": table, "drift": drift.assign_attrs(variant=variant, model=model),
-            "raw": raw.rename("raw_drift").to_dataset().assign_attrs(layer=layer, model=model),
-            "random": random_drift(acts, directions, random_seeds)}
+    out = {"table": table, "drift": drift.assign_attrs(variant=variant, model=model),
+           "raw": raw.rename("raw_drift").to_dataset().assign_attrs(layer=layer, model=model),
+           "random": random_drift(acts, directions, random_seeds)}
+    if sae is not None:
+        out["sae"] = sae_drift(sweep, sae)
+    return out

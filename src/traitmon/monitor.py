@@ -278,18 +278,22 @@ def fit_monitor(x: np.ndarray, em_rate: np.ndarray, groups: np.ndarray, theta: f
 
 def evaluate_lopo(table: pd.DataFrame, features: list[str], theta: float, target_fnr: float = 0.05,
                   grid: dict | None = None, x: np.ndarray | None = None,
-                  fold_features=None) -> tuple[dict, pd.DataFrame]:
+                  fold_features=None, group: str = "perturbation") -> tuple[dict, pd.DataFrame]:
     """Leave-one-perturbation-out evaluation on the checkpoint rows of ``table`` (step 0 dropped here).
 
     ``x`` overrides ``table[features]`` (one row per row of ``table``); ``fold_features(train)`` instead returns
     the feature matrix of the checkpoint rows computed from the training rows ``train`` only (an unsupervised
-    per-fold transform, e.g. the PCA baseline). Returns (metrics, predictions); scores are calibrated 0-1.
+    per-fold transform, e.g. the PCA baseline). ``group`` names the column whose values are held out together
+    (``domain``: leave-one-domain-out; the inner model choice then holds out whole domains too).
+    Returns (metrics, predictions); scores are calibrated 0-1.
     """
     grid = grid or candidates()
     keep = table.step.to_numpy() > 0
     x = (table[features].to_numpy(float) if x is None else np.asarray(x, float))[keep]
     rows = checkpoint_rows(table)
-    em_rate, groups = rows.em_rate.to_numpy(float), rows.perturbation.to_numpy()
+    if group not in rows:
+        raise TraitmonError(f"drift table: no '{group}' column to hold out by")
+    em_rate, groups = rows.em_rate.to_numpy(float), rows[group].astype(str).to_numpy()
     preds = rows[KEYS].copy()
     preds["score"], preds["alarm"], preds["regressor"] = np.nan, False, ""
     preds["dangerous"], preds["uncertain"] = em_rate >= theta, mark_uncertain(rows, theta)
@@ -301,19 +305,20 @@ def evaluate_lopo(table: pd.DataFrame, features: list[str], theta: float, target
         scores = monitor.score_array(xf[test])
         preds.loc[test, "score"], preds.loc[test, "alarm"] = scores, scores >= monitor.threshold
         preds.loc[test, "regressor"] = monitor.regressor
-        folds.append({"perturbation": str(held), **rates(preds[test]), "n": int(test.sum()),
+        folds.append({group: str(held), **rates(preds[test]), "n": int(test.sum()),
                       "regressor": monitor.regressor, "threshold": monitor.threshold,
                       "calibration": monitor.calibration, **monitor.info})
-    return lopo_metrics(preds, folds, theta, target_fnr), preds
+    return lopo_metrics(preds, folds, theta, target_fnr, group), preds
 
 
-def lopo_metrics(preds: pd.DataFrame, folds: list[dict], theta: float, target_fnr: float) -> dict:
+def lopo_metrics(preds: pd.DataFrame, folds: list[dict], theta: float, target_fnr: float,
+                 group: str = "perturbation") -> dict:
     """Pooled metrics (all scores on the calibrated scale), the same without uncertain labels, per model."""
     uncertain = preds.uncertain.to_numpy(bool)
     return {"theta": theta, "target_fnr": target_fnr, "score_scale": "calibrated P(dangerous), Platt per fold",
-            **rates(preds), "n": len(preds), "n_uncertain": int(uncertain.sum()),
+            "held_out_by": group, **rates(preds), "n": len(preds), "n_uncertain": int(uncertain.sum()),
             "without_uncertain": {**rates(preds[~uncertain]), "n": int((~uncertain).sum())},
-            "in_sample_threshold_folds": [f["perturbation"] for f in folds if f["threshold_source"] == "in_sample"],
+            "in_sample_threshold_folds": [f[group] for f in folds if f["threshold_source"] == "in_sample"],
             "folds": folds, "per_model": {m: rates(p) for m, p in preds.groupby("model")}}
 
 

@@ -184,3 +184,65 @@ def comparison_forest(comparison: dict, labels: dict[str, str]) -> Figure:
 
 def comparison_height(frame: pd.DataFrame) -> int:
     return int(max(2, frame.groupby("panel").size().max()))
+
+
+def verdict(frame: pd.DataFrame) -> Figure:
+    """The verdict: paired AUROC difference trait monitor - baseline, with its 95% run-bootstrap interval, per
+    baseline, under leave-one-perturbation-out and leave-one-domain-out. Right of 0: the trait basis ranks
+    dangerous checkpoints better; an interval across 0: the study cannot tell the two apart."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    baselines = list(dict.fromkeys(frame.baseline))
+    evaluations = list(dict.fromkeys(frame.evaluation))
+    fig, ax = plt.subplots(figsize=(8, 0.8 * max(2, len(baselines)) + 1.4))
+    for i, (evaluation, color) in enumerate(zip(evaluations, ["tab:blue", "tab:orange"])):
+        sub = frame[frame.evaluation == evaluation].set_index("baseline").reindex(baselines)
+        sub = sub.astype({"auroc_diff": float, "auroc_diff_low": float, "auroc_diff_high": float})
+        y = np.arange(len(baselines))[::-1] + (0.15 if i == 0 else -0.15)
+        ax.errorbar(sub.auroc_diff, y, xerr=[sub.auroc_diff - sub.auroc_diff_low,
+                                             sub.auroc_diff_high - sub.auroc_diff],
+                    fmt="o", color=color, capsize=4, lw=2, label=evaluation.upper())
+    ax.axvline(0, color="grey", ls="--", lw=1)
+    ax.set_yticks(np.arange(len(baselines))[::-1], baselines)
+    ax.set(xlabel="AUROC difference, trait monitor - baseline (95% run-bootstrap interval)",
+           title="Does the trait basis beat drift magnitude, random directions, PCA-7 and the SAE?")
+    ax.legend(title="held out", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig
+
+
+def lead_distribution(warning: pd.DataFrame) -> Figure:
+    """Early-warning lead (crossover step - alarm step; > 0 = alarm first) per run that crossed, and the count
+    of each outcome (early, same, late, missed, false alarm, quiet)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [2, 1]})
+    leads = pd.to_numeric(warning.lead_steps, errors="coerce").dropna()
+    if len(leads):
+        sns.histplot(leads, discrete=True, ax=left, color="tab:blue")
+    left.axvline(0, color="grey", ls="--", lw=1)
+    left.set(title=f"Lead of the alarm over the crossover ({len(leads)} runs with both)",
+             xlabel="lead in steps (> 0: alarm before EM crossed theta)", ylabel="runs")
+    counts = warning.outcome.value_counts().reindex(["early", "same", "late", "missed", "false alarm", "quiet"],
+                                                    fill_value=0)
+    sns.barplot(x=counts.values, y=counts.index, ax=right, color="tab:gray")
+    right.set(title="Outcome per run", xlabel="runs", ylabel="")
+    fig.tight_layout()
+    return fig
+
+
+def raw_drift_norm(table: pd.DataFrame) -> Figure:
+    """Raw-drift norm (base-normalised, averaged over the trait layers) per run at every checkpoint: EM runs vs
+    benign runs and style controls, so the overlap in magnitude is visible."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    frame = table.copy()
+    style = frame["style"] if "style" in frame else pd.Series("plain", index=frame.index)
+    frame["group"] = np.where(frame.kind == "em", "EM", np.where(style.fillna("plain") == "plain", "benign",
+                                                                  "style control (" + style.astype(str) + ")"))
+    models = list(dict.fromkeys(frame.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = frame[frame.model == model].sort_values("step")
+        sns.lineplot(data=sub, x="step", y="raw_drift_norm", hue="group", units="perturbation", estimator=None,
+                     marker="o", ax=ax, lw=1.5)
+        ax.set(title=f"How far each run moved - {model}", xlabel="finetuning step (0 = base model)",
+               ylabel="raw activation drift norm (base RMS units)")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig

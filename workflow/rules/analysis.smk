@@ -1,18 +1,52 @@
+# Drift, the SAE baseline's SAE, the study's analysis (LOPO and leave-one-domain-out) and the monitor bundle.
+# No pretrained SAE exists for SmolLM2 (nor for Mistral-7B-v0.3 or Qwen2.5-7B); Gemma Scope (Gemma-2-9B) and Llama
+# Scope (Llama-3.1-8B) would serve the paper config but are not loaded yet: traitmon trains its own TopK SAE on
+# the base model's capture (the measurement prompts, general text among them), once per model and layer.
+rule train_sae:
+    input:
+        capture=f"{RES}/capture/{{model}}/base.zarr",
+        directions=sae_directions,
+    output:
+        sae=f"{RES}/sae/{{model}}/sae.safetensors",
+        meta=f"{RES}/sae/{{model}}/sae.json",
+    params:
+        settings=sae_settings,
+        layer_arg=sae_layer_arg,
+    log:
+        f"{RES}/logs/sae/{{model}}.log",
+    cache: "omit-software"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon train-sae --capture {input.capture:q} --directions {input.directions:q} {params.layer_arg}"
+        " --model-key {wildcards.model:q} --settings {params.settings:q} --out {output.sae:q}"
+        " --threads {threads} > {log:q} 2>&1"
+
+
 rule drift:
     input:
         directions=model_directions,
         captures=model_captures,
         behavior=primary_behavior_table,
         eval_logs=model_eval_logs,
+        sae=f"{RES}/sae/{{model}}/sae.safetensors",
+        sae_meta=f"{RES}/sae/{{model}}/sae.json",
     output:
         table=f"{RES}/analysis/{{model}}/drift.csv",
         store=directory(f"{RES}/analysis/{{model}}/drift.zarr"),
         raw=directory(f"{RES}/analysis/{{model}}/raw_drift.zarr"),
         random=f"{RES}/analysis/{{model}}/random_drift.csv",
+        sae_drift=directory(f"{RES}/analysis/{{model}}/sae_drift.zarr"),
     params:
         # PERTURBATION=PATH: eval_log.csv carries no run identity, so its perturbation travels by name
         eval_logs=lambda wildcards, input: [f"{p}={path}" for p, path in zip(PERTURBATIONS, input.eval_logs)],
         kinds=perturbation_kinds,
+        domains=perturbation_domains,
+        styles=perturbation_styles,
         variant=config["analysis"]["variant"],
     log:
         f"{RES}/logs/analysis/{{model}}/drift.log",
@@ -26,7 +60,8 @@ rule drift:
         "traitmon drift --captures {input.captures:q} --directions {input.directions:q}"
         " --behavior {input.behavior:q} --eval-logs {params.eval_logs:q} --kinds {params.kinds}"
         " --variant {params.variant:q} --table {output.table:q} --store {output.store:q} --raw {output.raw:q}"
-        " --random {output.random:q} > {log:q} 2>&1"
+        " --random {output.random:q} --domains {params.domains:q} --styles {params.styles:q}"
+        " --sae {input.sae:q} --sae-drift {output.sae_drift:q} > {log:q} 2>&1"
 
 
 rule analyze:
@@ -34,6 +69,7 @@ rule analyze:
         drift=expand(f"{RES}/analysis/{{model}}/drift.csv", model=MODELS),
         raw=expand(f"{RES}/analysis/{{model}}/raw_drift.zarr", model=MODELS),
         random=expand(f"{RES}/analysis/{{model}}/random_drift.csv", model=MODELS),
+        sae_drift=expand(f"{RES}/analysis/{{model}}/sae_drift.zarr", model=MODELS),
     output:
         drift=f"{RES}/analysis/drift.csv",
         metrics=report(f"{RES}/analysis/monitor/metrics.json", category="Monitor", labels={"what": "metrics"}),
@@ -61,6 +97,16 @@ rule analyze:
         comparison=report(f"{RES}/analysis/figures/comparison_forest.png",
                           caption="../report/comparison_forest.rst", category="Monitor",
                           labels={"figure": "comparison with intervals"}),
+        verdict=report(f"{RES}/analysis/verdict.csv", caption="../report/verdict_table.rst", category="Verdict",
+                       labels={"what": "verdict table"}),
+        controls_match=report(f"{RES}/analysis/controls_match.csv", caption="../report/controls_match.rst",
+                              category="Verdict", labels={"what": "matched controls"}),
+        verdict_figure=report(f"{RES}/analysis/figures/verdict.png", caption="../report/verdict.rst",
+                              category="Verdict", labels={"figure": "verdict"}),
+        lead=report(f"{RES}/analysis/figures/lead_distribution.png", caption="../report/lead_distribution.rst",
+                    category="Verdict", labels={"figure": "early-warning lead"}),
+        raw_norm=report(f"{RES}/analysis/figures/raw_drift_norm.png", caption="../report/raw_drift_norm.rst",
+                        category="Verdict", labels={"figure": "raw drift norm per run"}),
     params:
         theta=config["analysis"]["theta"],
         target_fnr=config["analysis"]["target_fnr"],
@@ -77,6 +123,7 @@ rule analyze:
         "../../envs/traitmon.yaml"
     shell:
         "traitmon analyze --drift {input.drift:q} --raw {input.raw:q} --random {input.random:q}"
+        " --sae-drift {input.sae_drift:q}"
         " --theta {params.theta} --target-fnr {params.target_fnr} --theta-sweep {params.theta_sweep}"
         " --persistence {params.persistence} --n-boot {params.n_boot}"
         " --drift-table {output.drift:q} --metrics {output.metrics:q} --predictions {output.predictions:q}"
@@ -84,7 +131,9 @@ rule analyze:
         " --axis {output.axis:q} --early-warning {output.early_warning:q} --theta-sweep-table {output.theta_sweep:q}"
         " --figure-drift {output.drift_figure:q} --figure-loadings {output.loadings:q}"
         " --figure-scatter {output.scatter:q} --figure-roc {output.roc:q} --figure-alarms {output.alarms:q}"
-        " --figure-comparison {output.comparison:q} > {log:q} 2>&1"
+        " --figure-comparison {output.comparison:q} --verdict {output.verdict:q}"
+        " --controls-match {output.controls_match:q} --figure-verdict {output.verdict_figure:q}"
+        " --figure-lead {output.lead:q} --figure-raw-norm {output.raw_norm:q} > {log:q} 2>&1"
 
 
 rule monitor_bundle:

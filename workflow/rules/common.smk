@@ -192,6 +192,34 @@ def perturbation_kinds(wildcards):
     return " ".join(f"{p}:{spec['kind']}" for p, spec in config["perturbations"].items())
 
 
+# ---- analysis: leave-one-domain-out groups, run styles, the SAE baseline's settings ----------------
+SAE = config["analysis"]["sae"]
+
+
+def perturbation_domains(wildcards):
+    # leave-one-domain-out groups: the spec's domain, else its generator's domain, else the perturbation's own key
+    return [f"{p}:{spec.get('domain') or spec.get('generator', {}).get('domain') or p}"
+            for p, spec in config["perturbations"].items()]
+
+
+def perturbation_styles(wildcards):
+    return [f"{p}:{spec.get('generator', {}).get('style', 'plain')}" for p, spec in config["perturbations"].items()]
+
+
+def sae_directions(wildcards):
+    # the layer is the traits' median chosen layer unless analysis.sae.layer fixes it (then the SAE depends only
+    # on the base capture and that layer)
+    return [] if "layer" in SAE else model_directions(wildcards)
+
+
+def sae_layer_arg(wildcards):
+    return f"--layer {int(SAE['layer'])}" if "layer" in SAE else ""
+
+
+def sae_settings(wildcards):
+    return json.dumps({k: v for k, v in SAE.items() if k != "layer"}, sort_keys=True)
+
+
 def trait_files(wildcards):
     return [str(trait_file(t, config["trait_dirs"])) for t in TRAITS]
 
