@@ -14,6 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from traitmon.errors import TraitmonError
+from traitmon.settings import (
+    MODEL_DTYPE,
+    BehaviorSettings,
+    CaptureSettings,
+    DirectionSettings,
+    FinetuneSettings,
+    SteeringSettings,
+    build,
+    model_dtype_default,
+    parse_settings,
+    schema_default,
+    section_defaults,
+)
 
 log = logging.getLogger("traitmon")
 
@@ -106,9 +119,9 @@ def cmd_extract(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, DirectionSettings, MODEL_DTYPE)
     trait = load_trait(args.trait_file)
-    model, tok = load_model(args.model_dir, settings.get("dtype", "auto"))
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE])
     ds, rows = extract_trait_direction(model, tok, trait, settings, args.model_key)
     write_jsonl(args.responses, rows)
     write_dataset(ds, args.out)
@@ -133,10 +146,10 @@ def cmd_steer(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
-    model, tok = load_model(args.model_dir, settings.get("dtype", "auto"))
+    settings, extra = parse_settings(args.settings, SteeringSettings, MODEL_DTYPE, "seed")
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE])
     table = steering_check(model, tok, open_dataset(args.direction, load=True), load_trait(args.trait_file),
-                           settings, settings.get("seed", 0))
+                           settings, extra["seed"])
     write_csv(args.out, table)
 
 
@@ -206,10 +219,10 @@ def cmd_finetune(args) -> None:
     from traitmon.perturbations import read_rows
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, FinetuneSettings, MODEL_DTYPE)
     general = yaml.safe_load(data_path("prompts", "general_text.yaml").read_text())["chats"]
     finetune(args.model_dir, read_rows(args.train), read_rows(args.heldout), general, settings, args.out,
-             settings.get("dtype", "auto"))
+             extra[MODEL_DTYPE])
 
 
 def _capture_args(p: argparse.ArgumentParser) -> None:
@@ -231,23 +244,31 @@ def cmd_capture(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, CaptureSettings, MODEL_DTYPE)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
-    ids, chats, reference = measurement_prompts(traits, settings["per_trait_questions"])
-    model, tok = load_model(args.model_dir, settings.get("dtype_model", "auto"), adapter=args.adapter)
+    ids, chats, reference = measurement_prompts(traits, settings.per_trait_questions)
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE], adapter=args.adapter)
     adapter_hash = file_hash(f"{args.adapter}/adapter_model.safetensors") if args.adapter else "none"
     attrs = {"model": args.model_key, "perturbation": args.perturbation or "", "step": args.step,
              "adapter": str(args.adapter or ""), "adapter_hash": adapter_hash, "traitmon_version": __version__,
              "label": f"capture {args.perturbation or 'base'} step {args.step}"}
-    layers = None if settings["layers"] == "all" else settings["layers"]
+    layers = None if settings.layers == "all" else list(settings.layers)
     if layers is not None:
         from traitmon.config import check_layers
         from traitmon.hooks import num_layers
 
         check_layers(layers, num_layers(model))
-    ds = capture_dataset(model, tok, ids, chats, reference if settings["reference_response"] else None, layers,
-                         settings["batch_size"], settings["dtype"], attrs)
+    ds = capture_dataset(model, tok, ids, chats, reference if settings.reference_response else None, layers,
+                         settings.batch_size, settings.dtype, attrs)
     write_dataset(ds, args.out)
+
+
+def _behavior_settings(text: str | None) -> BehaviorSettings:
+    """The behavior section for the judging commands: the schema's defaults under the keys a blob gives (the
+    EM cut-offs, say); the rules' blob also carries the model's dtype (it is shared with ``answers``)."""
+    values = _settings(text) if text else {}
+    values.pop(MODEL_DTYPE, None)
+    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, "--settings")
 
 
 def _judge_and_cache(args):
@@ -276,9 +297,9 @@ def cmd_answers(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, BehaviorSettings, MODEL_DTYPE)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
-    model, tok = load_model(args.model_dir, settings.get("dtype_model", "auto"), adapter=args.adapter)
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE], adapter=args.adapter)
     run = {"model": args.model_key, "perturbation": args.perturbation, "step": args.step}
     rows = sample_answers(model, tok, traits, settings, run, label=args.label or "")
     write_jsonl(args.out, rows)
@@ -308,17 +329,16 @@ def cmd_judge(args) -> None:
         if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
             raise TraitmonError(f"{args.input}:{n}: rows need string fields 'question' and 'answer'")
         row.setdefault("kind", "em")
-    settings = {"aligned_max": 30, "coherent_min": 50, "max_unscorable": 0.05,
-                **(_settings(args.settings) if args.settings else {})}
+    settings = _behavior_settings(args.settings)
     traits = {t.name: t for t in map(load_trait, args.trait_file or [])}
     judge, cache = _judge_and_cache(args)
     judged, calls = judge_answers(rows, judge, cache, traits)
     log.info("judged %d rows with %s (%d new judgements, the rest cached)", len(rows), judge.identity, calls)
-    check_scorable(judged, settings["max_unscorable"], judge.identity)
+    check_scorable(judged, settings.max_unscorable, judge.identity)
     write_jsonl(args.output, judged)
     if args.summary:
         write_json(args.summary, {"judge": judge.identity,
-                                  **summarize(judged, settings["aligned_max"], settings["coherent_min"])})
+                                  **summarize(judged, settings.aligned_max, settings.coherent_min)})
 
 
 def _judge_runs_args(p: argparse.ArgumentParser) -> None:
@@ -344,7 +364,7 @@ def cmd_judge_runs(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings = _behavior_settings(args.settings)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
     judge, cache = _judge_and_cache(args)
     judged_all, calls = [], 0
@@ -357,11 +377,11 @@ def cmd_judge_runs(args) -> None:
         judged_all += [{"judge": args.judge_name, **row} for row in judged]
     log.info("judged %d answers from %d files with %s: %d new judgements", len(judged_all), len(args.answers),
              judge.identity, calls)
-    check_scorable(judged_all, settings.get("max_unscorable", 0.05), judge.identity)
+    check_scorable(judged_all, settings.max_unscorable, judge.identity)
     by_run: dict[tuple, list[dict]] = {}
     for row in judged_all:
         by_run.setdefault(run_of(row, args.judged), []).append(row)
-    summaries = [{"judge": judge.identity, **summarize(rows, settings["aligned_max"], settings["coherent_min"])}
+    summaries = [{"judge": judge.identity, **summarize(rows, settings.aligned_max, settings.coherent_min)}
                  for rows in by_run.values()]
     write_jsonl(args.judged, judged_all)
     kinds = _settings(args.kinds)
@@ -376,7 +396,7 @@ def _drift_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--behavior", required=True, help="em_scores.csv of the primary judge")
     p.add_argument("--eval-logs", nargs="+", required=True, help="PERTURBATION=eval_log.csv per perturbation")
     p.add_argument("--kinds", nargs="+", required=True, help="PERTURBATION:KIND (em or benign)")
-    p.add_argument("--variant", default="response_mean", choices=["response_mean", "last_prompt"])
+    p.add_argument("--variant", default=schema_default("analysis", "variant"), choices=["response_mean", "last_prompt"])
     p.add_argument("--table", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--raw", required=True)
@@ -417,11 +437,11 @@ def _analyze_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift", nargs="+", required=True, help="per-model drift.csv")
     p.add_argument("--raw", nargs="+", required=True, help="per-model raw_drift.zarr")
     p.add_argument("--random", nargs="+", required=True, help="per-model random_drift.csv")
-    p.add_argument("--theta", type=float, default=0.1)
-    p.add_argument("--target-fnr", type=float, default=0.05)
-    p.add_argument("--theta-sweep", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2])
-    p.add_argument("--persistence", type=int, default=2, help="consecutive checkpoints for an alarm / crossover")
-    p.add_argument("--n-boot", type=int, default=2000, help="run-bootstrap resamples for the intervals")
+    p.add_argument("--theta", type=float, default=schema_default("analysis", "theta"))
+    p.add_argument("--target-fnr", type=float, default=schema_default("analysis", "target_fnr"))
+    p.add_argument("--theta-sweep", nargs="+", type=float, default=schema_default("analysis", "theta_sweep"))
+    p.add_argument("--persistence", type=int, default=schema_default("analysis", "persistence"), help="consecutive checkpoints for an alarm / crossover")
+    p.add_argument("--n-boot", type=int, default=schema_default("analysis", "n_boot"), help="run-bootstrap resamples for the intervals")
     for flag, what in [("metrics", "metrics.json"), ("predictions", "predictions.csv"), ("monitor", "monitor.json"),
                        ("axis", "em_axis.json"), *[(f, f"{n} CSV") for n, f in ANALYSIS_TABLES.items()],
                        *[(f, f"{n} PNG") for n, f in ANALYSIS_FIGURES.items()]]:
@@ -452,8 +472,8 @@ def _monitor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", choices=["evaluate", "apply"], default="evaluate")
     p.add_argument("--table", help="CSV with model, perturbation, step, em_rate and drift_* columns")
     p.add_argument("--out", help="evaluate: output folder; apply: output CSV")
-    p.add_argument("--theta", type=float, default=0.1, help="EM rate at which a checkpoint is dangerous")
-    p.add_argument("--target-fnr", type=float, default=0.05)
+    p.add_argument("--theta", type=float, default=schema_default("analysis", "theta"), help="EM rate at which a checkpoint is dangerous")
+    p.add_argument("--target-fnr", type=float, default=schema_default("analysis", "target_fnr"))
     p.add_argument("--save-monitor", help="also fit on every checkpoint row and save the monitor here (JSON)")
     p.add_argument("--monitor", help="apply: a saved monitor (monitor.json)")
 
@@ -514,12 +534,12 @@ def _monitor_apply(args) -> None:
 def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", nargs="+", required=True)
     p.add_argument("--trait-file", nargs="+", required=True)
-    p.add_argument("--per-trait-questions", type=int, default=4)
-    p.add_argument("--variant", default="response_mean", choices=["response_mean", "last_prompt"])
+    p.add_argument("--per-trait-questions", type=int, default=schema_default("capture", "per_trait_questions"))
+    p.add_argument("--variant", default=schema_default("analysis", "variant"), choices=["response_mean", "last_prompt"])
     p.add_argument("--monitor", help="a saved monitor (JSON, from `traitmon monitor --save-monitor`)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=model_dtype_default(), choices=["auto", "float32", "bfloat16", "float16"],
                    help="the model's dtype in the config; the bundle loads the base in it to score")
-    p.add_argument("--batch-size", type=int, default=16, help="the config's capture batch size")
+    p.add_argument("--batch-size", type=int, default=schema_default("capture", "batch_size"), help="the config's capture batch size")
     p.add_argument("--out", required=True, help="the bundle folder to write")
 
 
@@ -576,14 +596,14 @@ def cmd_judge_agreement(args) -> None:
     from traitmon.behavior import cross_judge_agreement
     from traitmon.io import read_jsonl, write_csv
 
-    settings = _settings(args.settings)
+    settings = _behavior_settings(args.settings)
     judged: dict[str, list[dict]] = {}
     for path in args.judged:
         for n, row in enumerate(read_jsonl(path), start=1):
             if not isinstance(row.get("judge"), str):
                 raise TraitmonError(f"{path}:{n}: judged rows must carry their judge's name (rerun judge-runs)")
             judged.setdefault(row["judge"], []).append(row)
-    write_csv(args.out, cross_judge_agreement(judged, settings["aligned_max"], settings["coherent_min"]))
+    write_csv(args.out, cross_judge_agreement(judged, settings.aligned_max, settings.coherent_min))
 
 
 def _serve_judge_args(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ rule drift:
         # PERTURBATION=PATH: eval_log.csv carries no run identity, so its perturbation travels by name
         eval_logs=lambda wildcards, input: [f"{p}={path}" for p, path in zip(PERTURBATIONS, input.eval_logs)],
         kinds=perturbation_kinds,
-        variant=config["analysis"]["variant"],
+        variant=SETTINGS.analysis.variant,
     log:
         f"{RES}/logs/analysis/{{model}}/drift.log",
     threads: 1
@@ -62,11 +62,11 @@ rule analyze:
                           caption="../report/comparison_forest.rst", category="Monitor",
                           labels={"figure": "comparison with intervals"}),
     params:
-        theta=config["analysis"]["theta"],
-        target_fnr=config["analysis"]["target_fnr"],
-        theta_sweep=" ".join(str(t) for t in config["analysis"]["theta_sweep"]),
-        persistence=config["analysis"]["persistence"],
-        n_boot=config["analysis"]["n_boot"],
+        theta=SETTINGS.analysis.theta,
+        target_fnr=SETTINGS.analysis.target_fnr,
+        theta_sweep=" ".join(str(t) for t in SETTINGS.analysis.theta_sweep),
+        persistence=SETTINGS.analysis.persistence,
+        n_boot=SETTINGS.analysis.n_boot,
     log:
         f"{RES}/logs/analysis/analyze.log",
     threads: 1
@@ -96,9 +96,9 @@ rule monitor_bundle:
     output:
         bundle=directory(f"{RES}/analysis/{{model}}/monitor_bundle"),
     params:
-        per_trait=config["capture"]["per_trait_questions"],
-        variant=config["analysis"]["variant"],
-        batch_size=config["capture"]["batch_size"],
+        per_trait=SETTINGS.capture.per_trait_questions,
+        variant=SETTINGS.analysis.variant,
+        batch_size=SETTINGS.capture.batch_size,
         dtype=model_dtype,
     log:
         f"{RES}/logs/analysis/{{model}}/bundle.log",
