@@ -47,3 +47,13 @@ def test_commands_register_their_options_beside_them_and_share_the_common_ones()
                               "--meta", "c"])
     assert args.model_dir is None  # optional here: only self-generated perturbations load the model
     assert len(COMMANDS) >= 18 and all(func.__name__.startswith("cmd_") for _, func, _, _ in COMMANDS.values())
+
+
+def test_every_public_name_resolves_and_the_package_is_typed():
+    import traitmon
+
+    missing = [name for name in traitmon.__all__ if getattr(traitmon, name, None) is None]
+    assert not missing
+    assert (SRC / "py.typed").is_file()
+    assert '"py.typed"' in (SRC.parents[1] / "pyproject.toml").read_text()
+    assert set(traitmon.__all__) == {"LAYER_CONVENTION", "__version__", *traitmon._LAZY}

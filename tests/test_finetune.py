@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -33,9 +34,10 @@ def rows():
 
 
 def test_checkpoint_steps():
-    assert checkpoint_steps({"max_steps": 30, "checkpoint_every": 10}) == [10, 20, 30]
-    assert checkpoint_steps({"max_steps": 25, "checkpoint_every": 10}) == [10, 20, 25]
-    assert checkpoint_steps({"max_steps": 30, "checkpoint_every": 10, "checkpoint_steps": [1, 3, 40]}) == [1, 3, 30]
+    base = tiny_settings()
+    assert checkpoint_steps(replace(base, max_steps=30, checkpoint_every=10)) == [10, 20, 30]
+    assert checkpoint_steps(replace(base, max_steps=25, checkpoint_every=10)) == [10, 20, 25]
+    assert checkpoint_steps(replace(base, max_steps=30, checkpoint_every=10, checkpoint_steps=(1, 3, 40))) == [1, 3, 30]
 
 
 def test_only_the_assistant_answer_is_learned(tiny_model):

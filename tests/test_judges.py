@@ -88,9 +88,9 @@ def test_http_judge_against_a_real_local_server(tiny_model):
         # the wire result equals the tiny model's own top-20 next-token distribution
         import torch
 
-        from traitmon.capture import prompt_ids
+        from traitmon.chat import encode_prompt
         for item, score in zip(items, scores):
-            ids = torch.tensor([prompt_ids(tok, judge_messages(item))])
+            ids = torch.tensor([encode_prompt(tok, judge_messages(item))])
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
             top = torch.topk(logp, 20)
@@ -125,8 +125,8 @@ def test_hf_judge_on_digit_splitting_tokenizer_matches_brute_force(tiny_model_di
     assert not judge.single_token  # byte-level tokenizer: "42" is two tokens
     probs = judge.probabilities(ITEM)
     # brute force: full forward for a few candidate numbers, no cache
-    from traitmon.capture import prompt_ids
-    prompt = prompt_ids(judge.tok, judge_messages(ITEM))
+    from traitmon.chat import encode_prompt
+    prompt = encode_prompt(judge.tok, judge_messages(ITEM))
     for n in (0, 7, 42, 100):
         seq = prompt + judge.tok(str(n), add_special_tokens=False)["input_ids"] + [judge.tok.eos_token_id]
         with torch.no_grad():

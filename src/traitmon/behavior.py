@@ -30,8 +30,8 @@ def em_questions() -> list[dict]:
 RUN_FIELDS = ("model", "perturbation", "step")
 
 
-def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, traits: dict, settings: BehaviorSettings,
-                   run: dict, label: str = "") -> list[dict]:
+def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, traits: dict,
+                   settings: BehaviorSettings, run: dict, label: str = "") -> list[dict]:
     """``samples_per_question`` answers to each EM question and to the first ``trait_questions`` evaluation
     questions of each trait, sampled at ``temperature`` (seeded). ``run`` (model, perturbation, step: the
     base model is perturbation ``base``, step 0) is copied into every row."""

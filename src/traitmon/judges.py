@@ -222,9 +222,9 @@ class HFJudge(Judge):
         self.single_token = all(len(c) == 1 for c in self.candidates)
 
     def _prompt_ids(self, item: Item) -> list[int]:
-        from traitmon.capture import prompt_ids
+        from traitmon.chat import encode_prompt
 
-        return prompt_ids(self.tok, judge_messages(item))
+        return encode_prompt(self.tok, judge_messages(item))
 
     def probabilities(self, item: Item) -> dict[str, float]:
         import torch
