@@ -131,7 +131,7 @@ def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_
         assert main(["capture", "--model-dir", str(smollm2_dir), "--model-key", "smollm2", "--trait-file",
                      *trait_files, "--settings", json.dumps(settings), "--out", str(stores[name]), "--step",
                      "0", *extra]) == 0
-    dirs = load_directions(directions)
+    dirs = load_directions(directions, "response_mean")
     proj = {k: project(open_dataset(p, load=True)["response_mean"], dirs) for k, p in stores.items()}
     scale = drift_scale(proj["base"].transpose("prompt", "trait").values)  # the drift table's base-spread units
     paths["capture"] = ((proj["ckpt"] - proj["base"]) / scale).mean("prompt").sel(trait=traits).values

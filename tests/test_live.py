@@ -35,13 +35,14 @@ def bundle_setup(tiny_model_dir, tmp_path_factory):
         ds, _ = extract_trait_direction(model, tok, trait, study_settings(cfg).directions, "tiny")
         paths.append(str(write_dataset(ds, folder / f"{name}.zarr")))
     trait_files = [str(data_path("traits", f"{t}.yaml")) for t in TRAITS]
-    bundle = build_bundle(model, tok, "tiny", paths, trait_files, per_trait_questions=1)
+    bundle = build_bundle(model, tok, "tiny", paths, trait_files, per_trait_questions=1, variant="response_mean",
+                          monitor_path=None, batch_size=16, model_dtype="auto")
     return bundle, paths, folder
 
 
 def offline_drift(model_dir, adapter, bundle, direction_paths):
     """What `traitmon capture` + the drift computation give for a saved checkpoint."""
-    dirs = load_directions(direction_paths)
+    dirs = load_directions(direction_paths, "response_mean")
     out = {}
     for name, adp in (("base", None), ("ckpt", adapter)):
         model, tok = load_model(model_dir, adapter=adp)

@@ -24,6 +24,7 @@ from traitmon.monitor import (
     roc_points,
     validate_table,
 )
+from traitmon.settings import AnalysisSettings
 from traitmon.stats import compare_methods, correlation, run_ids
 from traitmon.store import open_dataset
 
@@ -106,9 +107,10 @@ def warning_table(preds: pd.DataFrame, rows: pd.DataFrame, theta: float, persist
     return early_warning(merged, persistence)
 
 
-def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables: list[pd.DataFrame], theta: float,
-                 target_fnr: float, thetas: list[float], persistence: int = 2, n_boot: int = 2000,
-                 source: str = "drift table") -> Analysis:
+def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables: list[pd.DataFrame],
+                 settings: AnalysisSettings, source: str = "drift table") -> Analysis:
+    """The study's analysis under the config's ``analysis`` section (theta, target FNR, sweep, persistence)."""
+    theta, target_fnr, persistence = settings.theta, settings.target_fnr, settings.persistence
     traits = [c.removeprefix("drift_") for c in table.columns if c.startswith("drift_")]
     out = Analysis()
     axis = em_axis(table, traits)
@@ -120,7 +122,7 @@ def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables:
     features = validate_table(full, source)
     metrics, preds = evaluate_lopo(full, features, theta, target_fnr)
     baselines = run_baselines(full, raw, random_tables, theta, target_fnr)
-    comparison = compare_methods({MONITOR: preds, **baselines}, MONITOR, n_boot=n_boot)
+    comparison = compare_methods({MONITOR: preds, **baselines}, MONITOR, n_boot=settings.n_boot)
     metrics.update(paper=PAPER, intervals=comparison["methods"][MONITOR], comparison=comparison,
                    persistence=persistence)
     out.documents["metrics"] = metrics
@@ -129,7 +131,7 @@ def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables:
     out.monitor = fit_monitor(rows[features].to_numpy(float), rows.em_rate.to_numpy(float),
                               rows.perturbation.to_numpy(), theta, target_fnr, candidates(), features)
     out.tables["early_warning"] = warning_table(preds, rows, theta, persistence)
-    out.tables["theta_sweep"] = theta_sweep(full, features, thetas, target_fnr)
+    out.tables["theta_sweep"] = theta_sweep(full, features, list(settings.theta_sweep), target_fnr)
     out.figures = figures(table, traits, axis, out.tables["correlations"], preds, baselines, comparison, theta)
     return out
 

@@ -217,8 +217,8 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 def build_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_key: str,
                  direction_paths: list[str], trait_files: list[str],
-                 per_trait_questions: int, variant: str = "response_mean", monitor_path: str | None = None,
-                 batch_size: int = 16, model_dtype: str = "auto") -> MonitorBundle:
+                 per_trait_questions: int, variant: str, monitor_path: str | None, batch_size: int,
+                 model_dtype: str) -> MonitorBundle:
     """Bundle from a traitmon results folder's directions (and a saved monitor); ``model`` is the base model
     (loaded in ``model_dtype``), whose projections become the reference."""
     from traitmon.capture import measurement_prompts

@@ -16,6 +16,7 @@ from pathlib import Path
 from traitmon.errors import TraitmonError
 from traitmon.settings import (
     MODEL_DTYPE,
+    AnalysisSettings,
     BehaviorSettings,
     CaptureSettings,
     DirectionSettings,
@@ -456,8 +457,10 @@ def cmd_analyze(args) -> None:
     from traitmon.plots import save
 
     table, raw, random_tables = read_inputs(args.drift, args.raw, args.random)
-    result = run_analysis(table, raw, random_tables, args.theta, args.target_fnr, args.theta_sweep,
-                          args.persistence, args.n_boot, source=" + ".join(args.drift))
+    settings = AnalysisSettings(variant=schema_default("analysis", "variant"), theta=args.theta,
+                                target_fnr=args.target_fnr, theta_sweep=tuple(args.theta_sweep),
+                                persistence=args.persistence, n_boot=args.n_boot, judge=None)
+    result = run_analysis(table, raw, random_tables, settings, source=" + ".join(args.drift))
     for name, flag in ANALYSIS_TABLES.items():
         write_csv(getattr(args, flag), result.tables[name])
     write_csv(args.predictions, result.tables["predictions"][PREDICTION_COLUMNS])
