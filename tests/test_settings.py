@@ -50,3 +50,20 @@ def test_a_bad_blob_names_the_key(change, message):
     with pytest.raises(TraitmonError, match=message) as err:
         parse_settings(json.dumps(values), FinetuneSettings, MODEL_DTYPE)
     assert "\n" not in str(err.value)
+
+
+def test_judge_entries_take_the_schema_defaults_in_the_config_and_on_the_command_line():
+    from traitmon.judges import OpenAIJudge, make_judge
+    from traitmon.settings import judge_defaults
+
+    config = _config()
+    config = validate_config({**config, "judges": {"remote": {"type": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                              "model": "m"}}})
+    entry = study_settings(config).judges["remote"]
+    assert entry.concurrency == judge_defaults()["concurrency"] and entry.base_url == "http://127.0.0.1:9/v1"
+    for judge in (make_judge(entry), make_judge({"type": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                 "model": "m"})):
+        assert isinstance(judge, OpenAIJudge)
+        assert (judge.concurrency, judge.max_retries) == (entry.concurrency, entry.max_retries)
+    with pytest.raises(TraitmonError, match="judge spec: unknown key 'conccurency'"):
+        make_judge({"type": "embedded", "conccurency": 2})

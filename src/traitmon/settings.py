@@ -123,15 +123,15 @@ class JudgeSettings:
     """A ``judges`` entry; which keys a type needs is checked by the schema and ``judges.make_judge``."""
 
     type: str
+    api_key_env: str
+    concurrency: int
+    timeout: float
+    max_retries: int
+    dtype: str
     base_url: str | None = None
     model: str | None = None
     model_dir: str | None = None
-    dtype: str | None = None
     train_path: str | None = None
-    api_key_env: str | None = None
-    concurrency: int | None = None
-    timeout: float | None = None
-    max_retries: int | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,12 @@ def section_defaults(section: str) -> dict:
 def schema_default(section: str, key: str) -> Any:
     """One default of the schema, for a command-line option that mirrors a config key."""
     return section_defaults(section)[key]
+
+
+def judge_defaults() -> dict:
+    """The schema's defaults of a ``judges`` entry (for a judge given on the command line)."""
+    props = _schema()["properties"]["judges"]["additionalProperties"]["properties"]
+    return copy.deepcopy({name: sub["default"] for name, sub in props.items() if "default" in sub})
 
 
 def model_dtype_default() -> str:
