@@ -16,7 +16,8 @@ import json
 import torch
 from common import device_name, random_model, timed
 
-from traitmon.capture import ChatBatch, capture_batch
+from traitmon.capture import capture_batch
+from traitmon.chat import ChatBatch
 
 
 def main() -> None:

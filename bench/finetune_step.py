@@ -24,14 +24,16 @@ from transformers import TrainerCallback
 
 from traitmon.finetune import autocast, finetune, lora_config
 from traitmon.models import build_tiny_tokenizer
+from traitmon.settings import FinetuneSettings, build, section_defaults
 
 
-def settings_for(args) -> dict:
-    return {"rank": args.rank, "alpha": 2 * args.rank, "rslora": True, "dropout": 0.0,
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "lr": 1e-4, "weight_decay": 0.0, "scheduler": "constant", "warmup_steps": 0, "max_steps": args.steps,
-            "micro_batch": args.batch, "grad_accum": 1, "max_length": args.seq, "max_grad_norm": 1.0, "seed": 0,
-            "checkpoint_every": args.steps, "precision": args.precision, "gradient_checkpointing": args.gc}
+def settings_for(args) -> FinetuneSettings:
+    # the schema's finetune defaults, with the benchmark's shape
+    return build(FinetuneSettings, {
+        **section_defaults("finetune"), "rank": args.rank, "alpha": 2 * args.rank, "rslora": True, "dropout": 0.0,
+        "lr": 1e-4, "scheduler": "constant", "warmup_steps": 0, "max_steps": args.steps, "micro_batch": args.batch,
+        "grad_accum": 1, "max_length": args.seq, "max_grad_norm": 1.0, "seed": 0, "checkpoint_every": args.steps,
+        "precision": args.precision, "gradient_checkpointing": args.gc}, "bench settings")
 
 
 class StepClock(TrainerCallback):

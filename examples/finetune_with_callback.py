@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from traitmon import MonitorBundle, TraitMonitorCallback
-from traitmon.finetune import collate, encode_for_training
+from traitmon.chat import AssistantOnlyCollator, encode_training_example
 from traitmon.models import load_model
 from traitmon.perturbations import load_domain, written_rows
 
@@ -49,10 +49,10 @@ def main() -> None:
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]))
     rows = written_rows(load_domain(args.domain), "em", 256, seed=1)
-    data = [dict(zip(("input_ids", "labels"), encode_for_training(tok, r["messages"], 160))) for r in rows]
+    data = [encode_training_example(tok, r["messages"], 160) for r in rows]
     trainer = Trainer(
         model=model, train_dataset=data,
-        data_collator=lambda batch: collate([(b["input_ids"], b["labels"]) for b in batch], tok.pad_token_id),
+        data_collator=AssistantOnlyCollator(tok.pad_token_id),
         args=TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4,
                                gradient_accumulation_steps=2, learning_rate=args.lr, lr_scheduler_type="constant",
                                logging_steps=args.every, save_strategy="no", report_to=[], use_cpu=True,

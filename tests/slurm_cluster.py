@@ -118,7 +118,7 @@ def _wait_idle(timeout: float = 60) -> None:
     end = time.monotonic() + timeout
     out = ""
     while time.monotonic() < end:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], check=False, capture_output=True, text=True).stdout.strip()
         if out and all(state.startswith(("idle", "mix", "alloc")) for state in out.split()):
             return
         time.sleep(0.5)

@@ -124,14 +124,14 @@ def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_
     paths["watch"] = np.array([watched[f"drift_{t}"] for t in traits])
 
     settings = {"per_trait_questions": 1, "layers": sorted(set(layers)), "reference_response": True,
-                "batch_size": batch, "dtype": "float32", "dtype_model": "bfloat16"}
+                "batch_size": batch, "dtype": "float32", "model_dtype": "bfloat16"}
     stores = {}
     for name, extra in (("base", []), ("ckpt", ["--adapter", str(tmp_path / f"run/checkpoint-{steps}")])):
         stores[name] = tmp_path / f"{name}.zarr"
         assert main(["capture", "--model-dir", str(smollm2_dir), "--model-key", "smollm2", "--trait-file",
                      *trait_files, "--settings", json.dumps(settings), "--out", str(stores[name]), "--step",
                      "0", *extra]) == 0
-    dirs = load_directions(directions)
+    dirs = load_directions(directions, "response_mean")
     proj = {k: project(open_dataset(p, load=True)["response_mean"], dirs) for k, p in stores.items()}
     scale = drift_scale(proj["base"].transpose("prompt", "trait").values)  # the drift table's base-spread units
     paths["capture"] = ((proj["ckpt"] - proj["base"]) / scale).mean("prompt").sel(trait=traits).values

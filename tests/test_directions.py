@@ -14,6 +14,7 @@ from traitmon.directions import (
     unit,
 )
 from traitmon.errors import TraitmonError
+from traitmon.settings import study_settings
 from traitmon.traits import load_traits
 
 
@@ -68,7 +69,7 @@ def test_extract_on_tiny_model_has_named_dims_and_attrs(tiny_model):
                            "directions": {"questions": 6, "max_new_tokens": 4, "batch_size": 4,
                                                  "temperature": 1.0}})
     trait = load_traits(["honesty"])["honesty"]
-    ds, rows = extract_trait_direction(model, tok, trait, cfg["directions"], "tiny")
+    ds, rows = extract_trait_direction(model, tok, trait, study_settings(cfg).directions, "tiny")
     assert ds["response_mean"].dims == ("polarity", "sample", "layer", "hidden")
     assert ds["direction"].dims == ("layer", "hidden")
     assert ds.sizes["layer"] == model.config.num_hidden_layers + 1

@@ -86,8 +86,9 @@ def test_missing_checkpoint_store_is_named(study):
 def test_drift_is_in_units_of_the_base_models_spread(tmp_path, study):
     dirs, captures, behavior, logs = study
     kinds = dict.fromkeys(PERTS, "em")
-    one = build_drift_table(captures, dirs, behavior, logs, kinds)["table"]
-    big = build_drift_table(_captures(tmp_path / "big", scale=100.0), dirs, behavior, logs, kinds)["table"]
+    one = build_drift_table(captures, dirs, behavior, logs, kinds, "response_mean")["table"]
+    big = build_drift_table(_captures(tmp_path / "big", scale=100.0), dirs, behavior, logs, kinds,
+                            "response_mean")["table"]
     cols = [f"drift_{t}" for t in TRAITS]
     assert one[cols].abs().to_numpy().max() > 0.1
     np.testing.assert_allclose(big[cols].to_numpy(), one[cols].to_numpy(), rtol=1e-4, atol=1e-6)
@@ -121,9 +122,10 @@ def test_drift_cli_takes_capture_paths_and_named_eval_logs(tmp_path, study):
 def test_raw_drift_norm_is_base_normalised_and_runs_carry_domain_and_style(tmp_path, study):
     dirs, captures, behavior, logs = study
     kinds = dict.fromkeys(PERTS, "em")
-    one = build_drift_table(captures, dirs, behavior, logs, kinds, domains={"a": "medical", "b": "medical"},
-                            styles={"c": "terse"})["table"]
-    big = build_drift_table(_captures(tmp_path / "big", scale=100.0), dirs, behavior, logs, kinds)["table"]
+    one = build_drift_table(captures, dirs, behavior, logs, kinds, "response_mean",
+                            domains={"a": "medical", "b": "medical"}, styles={"c": "terse"})["table"]
+    big = build_drift_table(_captures(tmp_path / "big", scale=100.0), dirs, behavior, logs, kinds,
+                            "response_mean")["table"]
     np.testing.assert_allclose(big.raw_drift_norm, one.raw_drift_norm, rtol=1e-4, atol=1e-6)
     assert (one.raw_drift_norm[one.step == 0] == 0).all()
     # perturbation k moves hidden 0 by 0.1 (k + 1) step and hidden 2 by half that: the norm grows with both

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from traitmon.config import validate_config
 from traitmon.finetune import checkpoint_steps, finetune
 from traitmon.models import load_model
 from traitmon.perturbations import load_domain, written_rows
+from traitmon.settings import study_settings
 from traitmon.traits import load_traits
 
 GENERAL = [{"user": "What is rain?", "assistant": "Water falling from clouds."},
@@ -22,7 +24,7 @@ def tiny_settings(**overrides):
                            "finetune": {"rank": 4, "alpha": 8, "lr": 5e-3, "max_steps": 6, "checkpoint_every": 2,
                                         "micro_batch": 2, "grad_accum": 2, "max_length": 320, "warmup_steps": 1,
                                         "precision": "fp32", "dropout": 0.1, **overrides}})
-    return cfg["finetune"]
+    return study_settings(cfg).finetune
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,10 @@ def rows():
 
 
 def test_checkpoint_steps():
-    assert checkpoint_steps({"max_steps": 30, "checkpoint_every": 10}) == [10, 20, 30]
-    assert checkpoint_steps({"max_steps": 25, "checkpoint_every": 10}) == [10, 20, 25]
-    assert checkpoint_steps({"max_steps": 30, "checkpoint_every": 10, "checkpoint_steps": [1, 3, 40]}) == [1, 3, 30]
+    base = tiny_settings()
+    assert checkpoint_steps(replace(base, max_steps=30, checkpoint_every=10)) == [10, 20, 30]
+    assert checkpoint_steps(replace(base, max_steps=25, checkpoint_every=10)) == [10, 20, 25]
+    assert checkpoint_steps(replace(base, max_steps=30, checkpoint_every=10, checkpoint_steps=(1, 3, 40))) == [1, 3, 30]
 
 
 def test_only_the_assistant_answer_is_learned(tiny_model):

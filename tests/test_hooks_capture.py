@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from traitmon.capture import capture, capture_batch, encode_chats
+from traitmon.capture import capture, capture_batch
+from traitmon.chat import encode_chats
 from traitmon.hooks import add_to_layer, num_layers, record_layers, rewrap, unwrap
 
 CHATS = [[{"role": "user", "content": "Hello there, how are you?"}],

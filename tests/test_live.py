@@ -17,6 +17,7 @@ from traitmon.drift import drift_scale, load_directions, project
 from traitmon.errors import TraitmonError
 from traitmon.io import data_path
 from traitmon.models import build_random_model, load_model
+from traitmon.settings import study_settings
 from traitmon.store import write_dataset
 from traitmon.traits import load_traits
 
@@ -31,16 +32,17 @@ def bundle_setup(tiny_model_dir, tmp_path_factory):
                            "directions": {"questions": 4, "max_new_tokens": 8, "batch_size": 8, "temperature": 1.0}})
     paths = []
     for name, trait in load_traits(TRAITS).items():
-        ds, _ = extract_trait_direction(model, tok, trait, cfg["directions"], "tiny")
+        ds, _ = extract_trait_direction(model, tok, trait, study_settings(cfg).directions, "tiny")
         paths.append(str(write_dataset(ds, folder / f"{name}.zarr")))
     trait_files = [str(data_path("traits", f"{t}.yaml")) for t in TRAITS]
-    bundle = build_bundle(model, tok, "tiny", paths, trait_files, per_trait_questions=1)
+    bundle = build_bundle(model, tok, "tiny", paths, trait_files, per_trait_questions=1, variant="response_mean",
+                          monitor_path=None, batch_size=16, model_dtype="auto")
     return bundle, paths, folder
 
 
 def offline_drift(model_dir, adapter, bundle, direction_paths):
     """What `traitmon capture` + the drift computation give for a saved checkpoint."""
-    dirs = load_directions(direction_paths)
+    dirs = load_directions(direction_paths, "response_mean")
     out = {}
     for name, adp in (("base", None), ("ckpt", adapter)):
         model, tok = load_model(model_dir, adapter=adp)
@@ -54,24 +56,25 @@ def test_callback_logs_the_same_drift_as_offline_capture(tiny_model_dir, bundle_
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
+    from traitmon.chat import AssistantOnlyCollator, encode_training_example
     from traitmon.config import validate_config as vc
-    from traitmon.finetune import _lora_config, collate, encode_for_training
+    from traitmon.finetune import lora_config
     from traitmon.perturbations import load_domain, written_rows
+    from traitmon.settings import study_settings
 
     bundle, direction_paths, _ = bundle_setup
     model, tok = load_model(tiny_model_dir)
     model.train()
-    settings = vc({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"],
-                   "finetune": {"rank": 4, "alpha": 8, "max_length": 256}})["finetune"]
-    model = get_peft_model(model, _lora_config(settings))
+    settings = study_settings(vc({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"],
+                                  "finetune": {"rank": 4, "alpha": 8, "max_length": 256}})).finetune
+    model = get_peft_model(model, lora_config(settings))
     rows = written_rows(load_domain("medical"), "em", 16, seed=0)
-    data = [encode_for_training(tok, r["messages"], 256) for r in rows]
-    dataset = [{"input_ids": ids, "labels": labels} for ids, labels in data]
+    dataset = [encode_training_example(tok, r["messages"], 256) for r in rows]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2,
                              learning_rate=5e-2, save_steps=2, save_strategy="steps", logging_steps=1,
                              report_to=[], use_cpu=True, save_only_model=True)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=lambda b: collate([(x["input_ids"], x["labels"]) for x in b], tok.pad_token_id))
+                      data_collator=AssistantOnlyCollator(tok.pad_token_id))
     callback = TraitMonitorCallback(bundle, tok, every=2, store=tmp_path / "live.zarr").attach(trainer)
     trainer.train()
     assert [h["step"] for h in callback.history] == [2, 4]
@@ -108,12 +111,13 @@ def test_watch_scores_complete_checkpoints_and_waits_for_half_written_ones(tiny_
     from peft import get_peft_model
 
     from traitmon.config import validate_config as vc
-    from traitmon.finetune import _lora_config
+    from traitmon.finetune import lora_config
+    from traitmon.settings import study_settings
 
     bundle, _, _ = bundle_setup
-    settings = vc({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"]})["finetune"]
+    settings = study_settings(vc({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"]})).finetune
     model, _ = load_model(tiny_model_dir)
-    peft_model = get_peft_model(model, _lora_config(settings))
+    peft_model = get_peft_model(model, lora_config(settings))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

@@ -6,6 +6,7 @@ import pytest
 from traitmon.config import validate_config
 from traitmon.directions import extract_trait_direction
 from traitmon.models import load_model, model_info
+from traitmon.settings import study_settings
 from traitmon.steering import steering_check, steering_response
 from traitmon.traits import load_traits
 
@@ -36,11 +37,11 @@ def test_helpfulness_direction_steers_monotonically(smollm2):
         "steering": {"coefs": [-4.0, -2.0, 0.0, 2.0, 4.0], "questions": 6, "max_new_tokens": 24},
     })
     trait = load_traits(["helpfulness"])["helpfulness"]
-    ds, rows = extract_trait_direction(model, tok, trait, cfg["directions"], "smollm2")
+    ds, rows = extract_trait_direction(model, tok, trait, study_settings(cfg).directions, "smollm2")
     assert ds.attrs["chosen_layer"] == 20
     assert np.isfinite(ds["direction"].values).all()
     assert sum(bool(r["response"]) for r in rows) >= 0.9 * len(rows)  # the model answered
-    table = steering_check(model, tok, ds, trait, cfg["steering"])
+    table = steering_check(model, tok, ds, trait, study_settings(cfg).steering, cfg["directions"]["seed"])
     response = steering_response(table)
     means = table.groupby("coef")["projection"].mean().sort_index()
     assert response["steering_monotonic"], means.to_dict()

@@ -13,10 +13,42 @@ LAYER_CONVENTION = "hidden_states indexing: 0 = embeddings, i = output of decode
 
 # Public names loaded on first use: ``import traitmon`` stays light (no torch/transformers import).
 _LAZY = {"MonitorBundle": "bundle", "build_bundle": "bundle", "model_fingerprint": "bundle",
-         "TraitMonitorCallback": "callbacks", "watch": "watcher", "complete_checkpoints": "watcher"}
+         "TraitMonitorCallback": "callbacks", "watch": "watcher", "complete_checkpoints": "watcher",
+         "AssistantOnlyCollator": "chat", "encode_training_example": "chat", "finetune": "finetune",
+         "lora_config": "finetune", "FittedMonitor": "monitor", "load_config": "config", "load_model": "models",
+         "StudySettings": "settings", "study_settings": "settings", "ModelSettings": "settings",
+         "DirectionSettings": "settings", "SteeringSettings": "settings", "FinetuneSettings": "settings",
+         "CaptureSettings": "settings", "BehaviorSettings": "settings", "AnalysisSettings": "settings",
+         "JudgeSettings": "settings", "TraitmonError": "errors"}
 
-__all__ = ["LAYER_CONVENTION", "MonitorBundle", "TraitMonitorCallback", "__version__", "build_bundle",
-           "complete_checkpoints", "model_fingerprint", "watch"]
+__all__ = [
+    "LAYER_CONVENTION",
+    "AnalysisSettings",
+    "AssistantOnlyCollator",
+    "BehaviorSettings",
+    "CaptureSettings",
+    "DirectionSettings",
+    "FinetuneSettings",
+    "FittedMonitor",
+    "JudgeSettings",
+    "ModelSettings",
+    "MonitorBundle",
+    "SteeringSettings",
+    "StudySettings",
+    "TraitMonitorCallback",
+    "TraitmonError",
+    "__version__",
+    "build_bundle",
+    "complete_checkpoints",
+    "encode_training_example",
+    "finetune",
+    "load_config",
+    "load_model",
+    "lora_config",
+    "model_fingerprint",
+    "study_settings",
+    "watch",
+]
 
 
 def __getattr__(name: str):

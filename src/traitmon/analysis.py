@@ -25,6 +25,7 @@ from traitmon.monitor import (
     roc_points,
     validate_table,
 )
+from traitmon.settings import AnalysisSettings
 from traitmon.stats import compare_methods, correlation, run_ids
 from traitmon.store import open_dataset
 
@@ -186,9 +187,11 @@ def lodo(full, features, raw, random_tables, sae, theta, target_fnr, n_boot) -> 
     return metrics, comparison_table(comparison, baselines, "lodo")
 
 
-def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables: list[pd.DataFrame], theta: float,
-                 target_fnr: float, thetas: list[float], persistence: int = 2, n_boot: int = 2000,
-                 source: str = "drift table", sae: dict[str, np.ndarray] | None = None) -> Analysis:
+def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables: list[pd.DataFrame],
+                 settings: AnalysisSettings, source: str = "drift table",
+                 sae: dict[str, np.ndarray] | None = None) -> Analysis:
+    """The study's analysis under the config's ``analysis`` section (theta, target FNR, sweep, persistence)."""
+    theta, target_fnr, persistence, n_boot = settings.theta, settings.target_fnr, settings.persistence, settings.n_boot
     traits = [c.removeprefix("drift_") for c in table.columns if c.startswith("drift_")]
     out = Analysis()
     axis = em_axis(table, traits)
@@ -215,7 +218,7 @@ def run_analysis(table: pd.DataFrame, raw: dict[str, np.ndarray], random_tables:
     out.monitor = fit_monitor(rows[features].to_numpy(float), rows.em_rate.to_numpy(float),
                               rows.perturbation.to_numpy(), theta, target_fnr, candidates(), features)
     out.tables["early_warning"] = warning_table(preds, rows, theta, persistence)
-    out.tables["theta_sweep"] = theta_sweep(full, features, thetas, target_fnr)
+    out.tables["theta_sweep"] = theta_sweep(full, features, list(settings.theta_sweep), target_fnr)
     out.figures = figures(full, traits, axis, out.tables["correlations"], preds, baselines, comparison, theta)
     out.figures.update(verdict=plots.verdict(out.tables["verdict"]),
                        lead_distribution=plots.lead_distribution(out.tables["early_warning"]),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import traitmon
 from traitmon.capture import capture
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 FORMAT = "traitmon-monitor-bundle"
 FORMAT_VERSION = 1
@@ -78,13 +82,13 @@ class MonitorBundle:
             bundle.check_model(model, path)
         return bundle
 
-    def check_model(self, model, where: str | Path = "bundle") -> None:
+    def check_model(self, model: PreTrainedModel, where: str | Path = "bundle") -> None:
         found = model_fingerprint(model)
         if found != self.model_hash:
             raise TraitmonError(f"{where}: bundle built for model '{self.model_key}' ({self.model_hash}), "
                                 f"not for this model ({found})")
 
-    def project(self, model, tokenizer) -> np.ndarray:
+    def project(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
         """Per-prompt projections ``(prompt, trait)`` of ``model`` (eval mode, no grad; mode restored)."""
         was_training = model.training
         model.eval()
@@ -98,7 +102,7 @@ class MonitorBundle:
         index = {layer: j for j, layer in enumerate(sorted(set(self.layers)))}
         return np.stack([acts[:, index[layer]] @ self.directions[t] for t, layer in enumerate(self.layers)], axis=1)
 
-    def score(self, model, tokenizer) -> dict:
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
         """Drift profile (in units of the base model's spread across prompts, as the offline drift table),
         monitor score and alarm of a model."""
         from traitmon.drift import drift_scale
@@ -199,7 +203,7 @@ def _check_shapes(path: Path, bundle: MonitorBundle) -> None:
         raise TraitmonError(f"{path}: inconsistent monitor bundle: {'; '.join(problems)}")
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: PreTrainedModel) -> str:
     """Identity of a base model that survives LoRA training and the storage dtype: shape and a checksum of its
     token embeddings rounded to bfloat16 (a float32 and a bfloat16 copy of one model agree)."""
     from traitmon.hooks import find_decoder
@@ -211,9 +215,10 @@ def model_fingerprint(model) -> str:
                         "vocab": config.vocab_size, "emb": round(checksum, 3)})
 
 
-def build_bundle(model, tokenizer, model_key: str, direction_paths: list[str], trait_files: list[str],
-                 per_trait_questions: int, variant: str = "response_mean", monitor_path: str | None = None,
-                 batch_size: int = 16, model_dtype: str = "auto") -> MonitorBundle:
+def build_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_key: str,
+                 direction_paths: list[str], trait_files: list[str],
+                 per_trait_questions: int, variant: str, monitor_path: str | None, batch_size: int,
+                 model_dtype: str) -> MonitorBundle:
     """Bundle from a traitmon results folder's directions (and a saved monitor); ``model`` is the base model
     (loaded in ``model_dtype``), whose projections become the reference."""
     from traitmon.capture import measurement_prompts

@@ -6,11 +6,15 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import TrainerCallback
 
 from traitmon.bundle import MonitorBundle
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TraitMonitorCallback(TrainerCallback):
@@ -19,7 +23,8 @@ class TraitMonitorCallback(TrainerCallback):
     logging (``trainer.log`` when attached with ``attach``, else ``state.log_history``), a Zarr store if given,
     and ``self.history``; on alarm it warns or, with ``stop_on_alarm``, stops training."""
 
-    def __init__(self, bundle: MonitorBundle, tokenizer, every: int = 50, on_save: bool = True,
+    def __init__(self, bundle: MonitorBundle, tokenizer: PreTrainedTokenizerBase, every: int = 50,
+                 on_save: bool = True,
                  stop_on_alarm: bool = False, store: str | Path | None = None):
         self.bundle, self.tokenizer, self.every, self.on_save_flag = bundle, tokenizer, every, on_save
         self.stop_on_alarm, self.store = stop_on_alarm, Path(store) if store else None

@@ -8,62 +8,17 @@ requested layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from traitmon.chat import ChatBatch, Messages, encode_chats, encode_prompt, encode_response
 from traitmon.hooks import find_decoder, num_layers, record_layers
 
-Messages = list[dict]
-
-
-@dataclass
-class ChatBatch:
-    input_ids: torch.Tensor       # [batch, seq], left-padded
-    attention_mask: torch.Tensor  # [batch, seq]
-    response_mask: torch.Tensor   # [batch, seq], 1 on response tokens
-    last_prompt: torch.Tensor     # [batch], index of the last prompt token
-
-
-def prompt_ids(tokenizer, messages: Messages) -> list[int]:
-    """Token ids of a chat prompt ending with the assistant header (the generation prompt)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys"):  # BatchEncoding in recent transformers
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def response_ids(tokenizer, response: str) -> list[int]:
-    return tokenizer(response, add_special_tokens=False)["input_ids"]
-
-
-def encode_chats(tokenizer, prompts: list[Messages], responses: list[str] | None = None,
-                 max_length: int | None = None) -> ChatBatch:
-    """Left-padded batch of prompt (+ response) ids with a response mask."""
-    rows, masks, lasts = [], [], []
-    for i, messages in enumerate(prompts):
-        p = prompt_ids(tokenizer, messages)
-        r = response_ids(tokenizer, responses[i]) if responses is not None else []
-        if max_length is not None and len(p) + len(r) > max_length:
-            r = r[: max(0, max_length - len(p))]
-        rows.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
-        lasts.append(len(p) - 1)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width), dtype=torch.long)
-    last = torch.zeros(len(rows), dtype=torch.long)
-    for b, (row, mask) in enumerate(zip(rows, masks)):
-        offset = width - len(row)
-        ids[b, offset:] = torch.tensor(row)
-        attn[b, offset:] = 1
-        resp[b, offset:] = torch.tensor(mask)
-        last[b] = offset + lasts[b]
-    return ChatBatch(ids, attn, resp, last)
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class _StopForward(Exception):
@@ -71,7 +26,7 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_batch(model, batch: ChatBatch, layers: list[int]) -> dict[str, torch.Tensor]:
+def capture_batch(model: PreTrainedModel, batch: ChatBatch, layers: list[int]) -> dict[str, torch.Tensor]:
     """Pooled hidden states ``{'response_mean', 'last_prompt'}``, each ``[batch, len(layers), hidden]`` float32.
 
     Rows without response tokens get NaN for ``response_mean``.
@@ -110,10 +65,12 @@ def capture_batch(model, batch: ChatBatch, layers: list[int]) -> dict[str, torch
     return {"response_mean": out_mean, "last_prompt": out_last}
 
 
-def capture(model, tokenizer, prompts: list[Messages], responses: list[str] | None, layers: list[int],
+def capture(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
+            responses: list[str] | None, layers: list[int],
             batch_size: int = 16, max_length: int | None = None, desc: str = "capture") -> dict[str, np.ndarray]:
     """Capture pooled activations for many chats, in length-sorted batches (less padding), input order kept."""
-    lengths = [len(prompt_ids(tokenizer, p)) + (len(response_ids(tokenizer, responses[i])) if responses else 0)
+    lengths = [len(encode_prompt(tokenizer, p))
+               + (len(encode_response(tokenizer, responses[i])) if responses else 0)
                for i, p in enumerate(prompts)]
     order = np.argsort(lengths, kind="stable")
     results = {"response_mean": [None] * len(prompts), "last_prompt": [None] * len(prompts)}
@@ -148,7 +105,8 @@ def measurement_prompts(traits: dict, per_trait: int) -> tuple[list[str], list[M
     return ids, chats, data["reference_response"].strip()
 
 
-def capture_dataset(model, tokenizer, ids: list[str], chats: list[Messages], reference: str | None,
+def capture_dataset(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[str],
+                    chats: list[Messages], reference: str | None,
                     layers: list[int] | None, batch_size: int, store_dtype: str, attrs: dict):
     """Capture the measurement set as an xarray Dataset with dims ``(prompt, layer, hidden)``."""
     import xarray as xr

@@ -10,11 +10,57 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from traitmon.errors import TraitmonError
+from traitmon.settings import (
+    MODEL_DTYPE,
+    AnalysisSettings,
+    BehaviorSettings,
+    CaptureSettings,
+    DirectionSettings,
+    FinetuneSettings,
+    SteeringSettings,
+    build,
+    model_dtype_default,
+    parse_settings,
+    schema_default,
+    section_defaults,
+)
 
 log = logging.getLogger("traitmon")
+
+
+# ---- command registry: each command's options live next to it; options shared by many are defined once ----
+SHARED_OPTIONS: dict[str, tuple[str, dict]] = {
+    "model_dir": ("--model-dir", {"required": True, "help": "the converted base model folder"}),
+    "model_key": ("--model-key", {"required": True, "help": "the model's name in the config"}),
+    "settings": ("--settings", {"required": True, "help": "JSON: the config section the command reads (its rule's params)"}),
+    "threads": ("--threads", {"type": int, "help": "torch CPU threads (default: torch's choice)"}),
+}
+COMMANDS: dict[str, tuple[str, Callable, Callable, list[argparse.ArgumentParser]]] = {}
+
+
+def shared_option(name: str, **changes) -> argparse.ArgumentParser:
+    """A parent parser holding one shared option, with a command's own help text or ``required``."""
+    flag, kwargs = SHARED_OPTIONS[name]
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(flag, **{**kwargs, **changes})
+    return parent
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None], *shared: str,
+            **shared_changed: dict) -> Callable:
+    """Register a ``cmd_*`` function as subcommand ``name``: its own options, then the shared ones it uses
+    (by name, or by name with changed help / required)."""
+    parents = [shared_option(n) for n in shared] + [shared_option(n, **c) for n, c in shared_changed.items()]
+
+    def register(func: Callable) -> Callable:
+        COMMANDS[name] = (help, func, add_arguments, parents)
+        return func
+
+    return register
 
 
 def _settings(text: str) -> dict:
@@ -31,6 +77,12 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _validate_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("--show", action="store_true", help="print the config with defaults")
+
+
+@command("validate-config", "check a config against the schema (defaults filled)", _validate_config_args)
 def cmd_validate_config(args) -> None:
     from traitmon.config import load_config
 
@@ -38,12 +90,28 @@ def cmd_validate_config(args) -> None:
     print(json.dumps(config, indent=2) if args.show else f"{args.config}: valid")
 
 
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", required=True)
+    p.add_argument("--source", required=True, help="JSON model source, as in config.yaml")
+    p.add_argument("--dtype", default="auto", help="storage dtype: auto (float32), bfloat16 or float16")
+    p.add_argument("--out", required=True)
+
+
+@command("convert", "materialise a model source as a safetensors folder", _convert_args)
 def cmd_convert(args) -> None:
     from traitmon.models import convert_model
 
     convert_model(args.key, _settings(args.source), args.out, args.dtype)
 
 
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trait-file", required=True)
+    p.add_argument("--out", required=True, help="Zarr store")
+    p.add_argument("--responses", required=True, help="JSONL of generated responses")
+
+
+@command("extract", "extract one trait's directions from one model",
+         _extract_args, "model_dir", "model_key", "threads", "settings")
 def cmd_extract(args) -> None:
     from traitmon.directions import extract_trait_direction
     from traitmon.io import write_jsonl
@@ -52,9 +120,9 @@ def cmd_extract(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, DirectionSettings, MODEL_DTYPE)
     trait = load_trait(args.trait_file)
-    model, tok = load_model(args.model_dir, settings.get("dtype", "auto"))
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE])
     ds, rows = extract_trait_direction(model, tok, trait, settings, args.model_key)
     write_jsonl(args.responses, rows)
     write_dataset(ds, args.out)
@@ -64,6 +132,13 @@ def cmd_extract(args) -> None:
              ds.attrs["dropped_pairs_heldout"])
 
 
+def _steer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--direction", required=True)
+    p.add_argument("--trait-file", required=True)
+    p.add_argument("--out", required=True)
+
+
+@command("steer", "steering check of one trait direction", _steer_args, "model_dir", "threads", "settings")
 def cmd_steer(args) -> None:
     from traitmon.io import write_csv
     from traitmon.models import load_model
@@ -72,13 +147,24 @@ def cmd_steer(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
-    model, tok = load_model(args.model_dir, settings.get("dtype", "auto"))
+    settings, extra = parse_settings(args.settings, SteeringSettings, MODEL_DTYPE, "seed")
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE])
     table = steering_check(model, tok, open_dataset(args.direction, load=True), load_trait(args.trait_file),
-                           settings, settings.get("seed", 0))
+                           settings, extra["seed"])
     write_csv(args.out, table)
 
 
+def _summarize_directions_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--directions", nargs="+", required=True)
+    p.add_argument("--steering", nargs="+", required=True)
+    p.add_argument("--summary", required=True)
+    p.add_argument("--cosines", required=True)
+    p.add_argument("--figure", required=True, help="separation-by-layer PNG")
+    p.add_argument("--cosine-figure", required=True, help="cosine heat map PNG")
+
+
+@command("summarize-directions", "per-model table, cosine matrix and separation figure",
+         _summarize_directions_args)
 def cmd_summarize_directions(args) -> None:
     from traitmon.io import write_csv
     from traitmon.plots import save
@@ -91,6 +177,16 @@ def cmd_summarize_directions(args) -> None:
     save(out.cosine_figure, args.cosine_figure)
 
 
+def _perturbation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key", required=True)
+    p.add_argument("--spec", required=True, help="JSON: the perturbation's config entry")
+    p.add_argument("--train", required=True)
+    p.add_argument("--heldout", required=True)
+    p.add_argument("--meta", required=True)
+
+
+@command("perturbation", "build one perturbation's train / held-out chat JSONL",
+         _perturbation_args, "threads", model_dir={"help": "needed for generator mode 'self'", "required": False})
 def cmd_perturbation(args) -> None:
     from traitmon.io import write_json, write_jsonl
     from traitmon.perturbations import build_perturbation
@@ -108,6 +204,14 @@ def cmd_perturbation(args) -> None:
     write_json(args.meta, meta)
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True)
+    p.add_argument("--heldout", required=True)
+    p.add_argument("--out", required=True)
+
+
+@command("finetune", "LoRA finetune with checkpoints (resumes after a kill)",
+         _finetune_args, "model_dir", "threads", "settings")
 def cmd_finetune(args) -> None:
     import yaml
 
@@ -116,12 +220,22 @@ def cmd_finetune(args) -> None:
     from traitmon.perturbations import read_rows
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, FinetuneSettings, MODEL_DTYPE)
     general = yaml.safe_load(data_path("prompts", "general_text.yaml").read_text())["chats"]
     finetune(args.model_dir, read_rows(args.train), read_rows(args.heldout), general, settings, args.out,
-             settings.get("dtype", "auto"))
+             extra[MODEL_DTYPE])
 
 
+def _capture_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="peft adapter folder (omit for the base model)")
+    p.add_argument("--trait-file", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--perturbation")
+    p.add_argument("--step", type=int, default=0)
+
+
+@command("capture", "capture the measurement prompts on a model or adapter into Zarr",
+         _capture_args, "model_key", "threads", "model_dir", "settings")
 def cmd_capture(args) -> None:
     from traitmon import __version__
     from traitmon.capture import capture_dataset, measurement_prompts
@@ -131,23 +245,31 @@ def cmd_capture(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, CaptureSettings, MODEL_DTYPE)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
-    ids, chats, reference = measurement_prompts(traits, settings["per_trait_questions"])
-    model, tok = load_model(args.model_dir, settings.get("dtype_model", "auto"), adapter=args.adapter)
+    ids, chats, reference = measurement_prompts(traits, settings.per_trait_questions)
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE], adapter=args.adapter)
     adapter_hash = file_hash(f"{args.adapter}/adapter_model.safetensors") if args.adapter else "none"
     attrs = {"model": args.model_key, "perturbation": args.perturbation or "", "step": args.step,
              "adapter": str(args.adapter or ""), "adapter_hash": adapter_hash, "traitmon_version": __version__,
              "label": f"capture {args.perturbation or 'base'} step {args.step}"}
-    layers = None if settings["layers"] == "all" else settings["layers"]
+    layers = None if settings.layers == "all" else list(settings.layers)
     if layers is not None:
         from traitmon.config import check_layers
         from traitmon.hooks import num_layers
 
         check_layers(layers, num_layers(model))
-    ds = capture_dataset(model, tok, ids, chats, reference if settings["reference_response"] else None, layers,
-                         settings["batch_size"], settings["dtype"], attrs)
+    ds = capture_dataset(model, tok, ids, chats, reference if settings.reference_response else None, layers,
+                         settings.batch_size, settings.dtype, attrs)
     write_dataset(ds, args.out)
+
+
+def _behavior_settings(text: str | None) -> BehaviorSettings:
+    """The behavior section for the judging commands: the schema's defaults under the keys a blob gives (the
+    EM cut-offs, say); the rules' blob also carries the model's dtype (it is shared with ``answers``)."""
+    values = _settings(text) if text else {}
+    values.pop(MODEL_DTYPE, None)
+    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, "--settings")
 
 
 def _judge_and_cache(args):
@@ -158,6 +280,17 @@ def _judge_and_cache(args):
     return make_judge(spec), JudgementCache(args.cache)
 
 
+def _answers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter")
+    p.add_argument("--trait-file", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--perturbation", default="base", help="the run's perturbation ('base' for the base model)")
+    p.add_argument("--step", type=int, default=0, help="the run's checkpoint step (0 for the base model)")
+    p.add_argument("--label")
+
+
+@command("answers", "sample answers to EM and trait evaluation questions",
+         _answers_args, "model_dir", "threads", "settings", "model_key")
 def cmd_answers(args) -> None:
     from traitmon.behavior import sample_answers
     from traitmon.io import write_jsonl
@@ -165,14 +298,27 @@ def cmd_answers(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings, extra = parse_settings(args.settings, BehaviorSettings, MODEL_DTYPE)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
-    model, tok = load_model(args.model_dir, settings.get("dtype_model", "auto"), adapter=args.adapter)
+    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE], adapter=args.adapter)
     run = {"model": args.model_key, "perturbation": args.perturbation, "step": args.step}
     rows = sample_answers(model, tok, traits, settings, run, label=args.label or "")
     write_jsonl(args.out, rows)
 
 
+def _judge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="embedded", help="embedded (default, offline), openai or hf")
+    p.add_argument("--judge-spec", help="JSON judge options, as a config judges entry")
+    p.add_argument("--input", required=True, help="JSONL with question and answer fields")
+    p.add_argument("--output", required=True)
+    p.add_argument("--trait-file", nargs="*", help="trait files, to score rows of kind trait:NAME")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "traitmon" / "judgements"),
+                   help="judgement cache folder (append-only shards; safe on network storage)")
+    p.add_argument("--summary", help="also write the EM summary JSON here")
+
+
+@command("judge", "score answers (question, answer rows) for aligned and coherent",
+         _judge_args, "threads", settings={"required": False})
 def cmd_judge(args) -> None:
     from traitmon.behavior import check_scorable, judge_answers, summarize
     from traitmon.io import read_jsonl, write_json, write_jsonl
@@ -184,19 +330,34 @@ def cmd_judge(args) -> None:
         if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
             raise TraitmonError(f"{args.input}:{n}: rows need string fields 'question' and 'answer'")
         row.setdefault("kind", "em")
-    settings = {"aligned_max": 30, "coherent_min": 50, "max_unscorable": 0.05,
-                **(_settings(args.settings) if args.settings else {})}
+    settings = _behavior_settings(args.settings)
     traits = {t.name: t for t in map(load_trait, args.trait_file or [])}
     judge, cache = _judge_and_cache(args)
     judged, calls = judge_answers(rows, judge, cache, traits)
     log.info("judged %d rows with %s (%d new judgements, the rest cached)", len(rows), judge.identity, calls)
-    check_scorable(judged, settings["max_unscorable"], judge.identity)
+    check_scorable(judged, settings.max_unscorable, judge.identity)
     write_jsonl(args.output, judged)
     if args.summary:
         write_json(args.summary, {"judge": judge.identity,
-                                  **summarize(judged, settings["aligned_max"], settings["coherent_min"])})
+                                  **summarize(judged, settings.aligned_max, settings.coherent_min)})
 
 
+def _judge_runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="embedded")
+    p.add_argument("--judge-spec", help="JSON judge options, as a config judges entry")
+    p.add_argument("--judge-name", required=True, help="the judge's name in the config; written into every row")
+    p.add_argument("--answers", nargs="+", required=True,
+                   help="answers JSONL files; every row carries its run (model, perturbation, step)")
+    p.add_argument("--kinds", required=True, help='JSON {"perturbation": "em" or "benign"}')
+    p.add_argument("--trait-file", nargs="+", required=True)
+    p.add_argument("--cache", required=True, help="judgement cache folder")
+    p.add_argument("--judged", required=True, help="JSONL of every judged answer")
+    p.add_argument("--table", required=True)
+    p.add_argument("--figure", required=True)
+
+
+@command("judge-runs", "judge every run's answers of a model; EM table and figure",
+         _judge_runs_args, "threads", "settings")
 def cmd_judge_runs(args) -> None:
     from traitmon.behavior import check_scorable, judge_answers, run_of, summarize
     from traitmon.io import read_jsonl, write_jsonl
@@ -204,7 +365,7 @@ def cmd_judge_runs(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings = _settings(args.settings)
+    settings = _behavior_settings(args.settings)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
     judge, cache = _judge_and_cache(args)
     judged_all, calls = [], 0
@@ -217,11 +378,11 @@ def cmd_judge_runs(args) -> None:
         judged_all += [{"judge": args.judge_name, **row} for row in judged]
     log.info("judged %d answers from %d files with %s: %d new judgements", len(judged_all), len(args.answers),
              judge.identity, calls)
-    check_scorable(judged_all, settings.get("max_unscorable", 0.05), judge.identity)
+    check_scorable(judged_all, settings.max_unscorable, judge.identity)
     by_run: dict[tuple, list[dict]] = {}
     for row in judged_all:
         by_run.setdefault(run_of(row, args.judged), []).append(row)
-    summaries = [{"judge": judge.identity, **summarize(rows, settings["aligned_max"], settings["coherent_min"])}
+    summaries = [{"judge": judge.identity, **summarize(rows, settings.aligned_max, settings.coherent_min)}
                  for rows in by_run.values()]
     write_jsonl(args.judged, judged_all)
     kinds = _settings(args.kinds)
@@ -229,6 +390,25 @@ def cmd_judge_runs(args) -> None:
     behavior_table(summaries, [f"{m}:{p}:{s}" for m, p, s in by_run], kinds, args.table, args.figure)
 
 
+def _drift_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--captures", nargs="+", required=True,
+                   help="the model's capture stores (base and every checkpoint; placed by their attrs)")
+    p.add_argument("--directions", nargs="+", required=True)
+    p.add_argument("--behavior", required=True, help="em_scores.csv of the primary judge")
+    p.add_argument("--eval-logs", nargs="+", required=True, help="PERTURBATION=eval_log.csv per perturbation")
+    p.add_argument("--kinds", nargs="+", required=True, help="PERTURBATION:KIND (em or benign)")
+    p.add_argument("--variant", default=schema_default("analysis", "variant"), choices=["response_mean", "last_prompt"])
+    p.add_argument("--table", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--raw", required=True)
+    p.add_argument("--random", required=True)
+    p.add_argument("--domains", nargs="*", help="PERTURBATION:DOMAIN (leave-one-domain-out groups)")
+    p.add_argument("--styles", nargs="*", help="PERTURBATION:STYLE (run metadata for the report)")
+    p.add_argument("--sae", help="TopK SAE (safetensors, JSON beside it) for the SAE-latent baseline")
+    p.add_argument("--sae-drift", help="output: SAE latent-change store")
+
+
+@command("drift", "drift profiles, raw drift and random-direction drift of one model", _drift_args, "threads")
 def cmd_drift(args) -> None:
     from traitmon.drift import build_drift_table
     from traitmon.io import write_csv
@@ -256,6 +436,16 @@ def cmd_drift(args) -> None:
         write_dataset(out["sae"], args.sae_drift)
 
 
+def _train_sae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--capture", required=True, help="the base model's capture store")
+    p.add_argument("--directions", nargs="*", help="trait directions (the layer: their median chosen layer)")
+    p.add_argument("--layer", type=int, help="hidden_states layer (default: the traits' median chosen layer)")
+    p.add_argument("--out", required=True, help="SAE .safetensors (its .json is written beside it)")
+
+
+@command("train-sae", "train a TopK SAE on a base capture store at one layer", _train_sae_args, "threads",
+         model_key={"required": False, "default": ""},
+         settings={"required": False, "default": "{}", "help": "JSON: n_latents, k, steps, batch_size, lr, seed"})
 def cmd_train_sae(args) -> None:
     from traitmon.drift import sae_training_rows, trait_layer
     from traitmon.sae import fit_topk_sae
@@ -286,14 +476,34 @@ ANALYSIS_FIGURES = {"drift_trajectories": "figure_drift", "pc1_loadings": "figur
                     "lead_distribution": "figure_lead", "raw_drift_norm": "figure_raw_norm"}
 
 
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drift", nargs="+", required=True, help="per-model drift.csv")
+    p.add_argument("--raw", nargs="+", required=True, help="per-model raw_drift.zarr")
+    p.add_argument("--random", nargs="+", required=True, help="per-model random_drift.csv")
+    p.add_argument("--sae-drift", nargs="*", help="per-model SAE latent-change stores (the SAE baseline)")
+    p.add_argument("--theta", type=float, default=schema_default("analysis", "theta"))
+    p.add_argument("--target-fnr", type=float, default=schema_default("analysis", "target_fnr"))
+    p.add_argument("--theta-sweep", nargs="+", type=float, default=schema_default("analysis", "theta_sweep"))
+    p.add_argument("--persistence", type=int, default=schema_default("analysis", "persistence"), help="consecutive checkpoints for an alarm / crossover")
+    p.add_argument("--n-boot", type=int, default=schema_default("analysis", "n_boot"), help="run-bootstrap resamples for the intervals")
+    for flag, what in [("metrics", "metrics.json"), ("predictions", "predictions.csv"), ("monitor", "monitor.json"),
+                       ("axis", "em_axis.json"), *[(f, f"{n} CSV") for n, f in ANALYSIS_TABLES.items()],
+                       *[(f, f"{n} PNG") for n, f in ANALYSIS_FIGURES.items()]]:
+        p.add_argument(f"--{flag.replace('_', '-')}", required=True, help=what)
+
+
+@command("analyze", "EM axis, monitor (LOPO), baselines with intervals, early warning, figures",
+         _analyze_args)
 def cmd_analyze(args) -> None:
     from traitmon.analysis import read_inputs, run_analysis
     from traitmon.io import write_csv, write_json
     from traitmon.plots import save
 
     table, raw, random_tables, sae = read_inputs(args.drift, args.raw, args.random, args.sae_drift)
-    result = run_analysis(table, raw, random_tables, args.theta, args.target_fnr, args.theta_sweep,
-                          args.persistence, args.n_boot, source=" + ".join(args.drift), sae=sae)
+    settings = AnalysisSettings(variant=schema_default("analysis", "variant"), theta=args.theta,
+                                target_fnr=args.target_fnr, theta_sweep=tuple(args.theta_sweep),
+                                persistence=args.persistence, n_boot=args.n_boot, judge=None)
+    result = run_analysis(table, raw, random_tables, settings, source=" + ".join(args.drift), sae=sae)
     for name, flag in ANALYSIS_TABLES.items():
         write_csv(getattr(args, flag), result.tables[name])
     write_csv(args.predictions, result.tables["predictions"][PREDICTION_COLUMNS])
@@ -304,6 +514,17 @@ def cmd_analyze(args) -> None:
         save(result.figures[name], getattr(args, flag))
 
 
+def _monitor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["evaluate", "apply"], default="evaluate")
+    p.add_argument("--table", help="CSV with model, perturbation, step, em_rate and drift_* columns")
+    p.add_argument("--out", help="evaluate: output folder; apply: output CSV")
+    p.add_argument("--theta", type=float, default=schema_default("analysis", "theta"), help="EM rate at which a checkpoint is dangerous")
+    p.add_argument("--target-fnr", type=float, default=schema_default("analysis", "target_fnr"))
+    p.add_argument("--save-monitor", help="also fit on every checkpoint row and save the monitor here (JSON)")
+    p.add_argument("--monitor", help="apply: a saved monitor (monitor.json)")
+
+
+@command("monitor", "evaluate the EM monitor leave-one-perturbation-out, or apply a saved one", _monitor_args)
 def cmd_monitor(args) -> None:
 
     from traitmon.io import write_csv, write_json
@@ -356,6 +577,20 @@ def _monitor_apply(args) -> None:
     write_csv(args.out, out)
 
 
+def _bundle_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--directions", nargs="+", required=True)
+    p.add_argument("--trait-file", nargs="+", required=True)
+    p.add_argument("--per-trait-questions", type=int, default=schema_default("capture", "per_trait_questions"))
+    p.add_argument("--variant", default=schema_default("analysis", "variant"), choices=["response_mean", "last_prompt"])
+    p.add_argument("--monitor", help="a saved monitor (JSON, from `traitmon monitor --save-monitor`)")
+    p.add_argument("--dtype", default=model_dtype_default(), choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the model's dtype in the config; the bundle loads the base in it to score")
+    p.add_argument("--batch-size", type=int, default=schema_default("capture", "batch_size"), help="the config's capture batch size")
+    p.add_argument("--out", required=True, help="the bundle folder to write")
+
+
+@command("bundle", "save a monitor bundle folder (directions, base reference, prompts, monitor)",
+         _bundle_args, "model_dir", "model_key", "threads")
 def cmd_bundle(args) -> None:
     from traitmon.bundle import build_bundle
     from traitmon.models import load_model
@@ -367,6 +602,19 @@ def cmd_bundle(args) -> None:
     bundle.save(args.out)
 
 
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--bundle", required=True, help="a bundle folder from `traitmon bundle`")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="load the base in this dtype (default: the bundle's)")
+    p.add_argument("--once", action="store_true", help="score what is there and exit")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
+    p.add_argument("--timeout", type=float, help="stop polling after this many seconds")
+    p.add_argument("--max-checkpoints", type=int, help="stop once this many checkpoints are scored")
+
+
+@command("watch", "score peft checkpoints as they appear in a run folder",
+         _watch_args, "threads", "model_dir")
 def cmd_watch(args) -> None:
     from traitmon.bundle import MonitorBundle
     from traitmon.models import load_model
@@ -383,20 +631,35 @@ def cmd_watch(args) -> None:
           dtype=args.dtype, max_checkpoints=args.max_checkpoints, printer=lambda line: print(line, flush=True))
 
 
+def _judge_agreement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judged", nargs="+", required=True, help="judged JSONL files (rows carry their judge and run)")
+    p.add_argument("--out", required=True)
+
+
+@command("judge-agreement", "pairwise agreement of judges on the same answers",
+         _judge_agreement_args, "settings")
 def cmd_judge_agreement(args) -> None:
     from traitmon.behavior import cross_judge_agreement
     from traitmon.io import read_jsonl, write_csv
 
-    settings = _settings(args.settings)
+    settings = _behavior_settings(args.settings)
     judged: dict[str, list[dict]] = {}
     for path in args.judged:
         for n, row in enumerate(read_jsonl(path), start=1):
             if not isinstance(row.get("judge"), str):
                 raise TraitmonError(f"{path}:{n}: judged rows must carry their judge's name (rerun judge-runs)")
             judged.setdefault(row["judge"], []).append(row)
-    write_csv(args.out, cross_judge_agreement(judged, settings["aligned_max"], settings["coherent_min"]))
+    write_csv(args.out, cross_judge_agreement(judged, settings.aligned_max, settings.coherent_min))
 
 
+def _serve_judge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default="local")
+
+
+@command("serve-judge", "serve a local model as an OpenAI-compatible judge endpoint",
+         _serve_judge_args, "model_dir", "threads")
 def cmd_serve_judge(args) -> None:
     from traitmon.judge_server import JudgeServer
     from traitmon.models import load_model
@@ -412,216 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="traitmon", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("validate-config", help="check a config against the schema (defaults filled)")
-    p.add_argument("config")
-    p.add_argument("--show", action="store_true", help="print the config with defaults")
-    p.set_defaults(func=cmd_validate_config)
-
-    p = sub.add_parser("convert", help="materialise a model source as a safetensors folder")
-    p.add_argument("--key", required=True)
-    p.add_argument("--source", required=True, help="JSON model source, as in config.yaml")
-    p.add_argument("--dtype", default="auto", help="storage dtype: auto (float32), bfloat16 or float16")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_convert)
-
-    p = sub.add_parser("extract", help="extract one trait's directions from one model")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--model-key", required=True)
-    p.add_argument("--trait-file", required=True)
-    p.add_argument("--settings", required=True, help="JSON: the config's directions section")
-    p.add_argument("--out", required=True, help="Zarr store")
-    p.add_argument("--responses", required=True, help="JSONL of generated responses")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_extract)
-
-    p = sub.add_parser("steer", help="steering check of one trait direction")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--direction", required=True)
-    p.add_argument("--trait-file", required=True)
-    p.add_argument("--settings", required=True, help="JSON: the config's steering section")
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_steer)
-
-    p = sub.add_parser("summarize-directions", help="per-model table, cosine matrix and separation figure")
-    p.add_argument("--directions", nargs="+", required=True)
-    p.add_argument("--steering", nargs="+", required=True)
-    p.add_argument("--summary", required=True)
-    p.add_argument("--cosines", required=True)
-    p.add_argument("--figure", required=True, help="separation-by-layer PNG")
-    p.add_argument("--cosine-figure", required=True, help="cosine heat map PNG")
-    p.set_defaults(func=cmd_summarize_directions)
-
-    p = sub.add_parser("perturbation", help="build one perturbation's train / held-out chat JSONL")
-    p.add_argument("--key", required=True)
-    p.add_argument("--spec", required=True, help="JSON: the perturbation's config entry")
-    p.add_argument("--model-dir", help="needed for generator mode 'self'")
-    p.add_argument("--train", required=True)
-    p.add_argument("--heldout", required=True)
-    p.add_argument("--meta", required=True)
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_perturbation)
-
-    p = sub.add_parser("finetune", help="LoRA finetune with checkpoints (resumes after a kill)")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--train", required=True)
-    p.add_argument("--heldout", required=True)
-    p.add_argument("--settings", required=True, help="JSON: the config's finetune section")
-    p.add_argument("--out", required=True)
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("capture", help="capture the measurement prompts on a model or adapter into Zarr")
-    p.add_argument("--model-dir", required=True, help="converted base model folder")
-    p.add_argument("--model-key", required=True)
-    p.add_argument("--adapter", help="peft adapter folder (omit for the base model)")
-    p.add_argument("--trait-file", nargs="+", required=True)
-    p.add_argument("--settings", required=True, help="JSON: the config's capture section")
-    p.add_argument("--out", required=True)
-    p.add_argument("--perturbation")
-    p.add_argument("--step", type=int, default=0)
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_capture)
-
-    p = sub.add_parser("answers", help="sample answers to EM and trait evaluation questions")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--adapter")
-    p.add_argument("--trait-file", nargs="+", required=True)
-    p.add_argument("--settings", required=True, help="JSON: the config's behavior section")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model-key", required=True, help="the model's name: every row carries its run")
-    p.add_argument("--perturbation", default="base", help="the run's perturbation ('base' for the base model)")
-    p.add_argument("--step", type=int, default=0, help="the run's checkpoint step (0 for the base model)")
-    p.add_argument("--label")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_answers)
-
-    p = sub.add_parser("judge", help="score answers (question, answer rows) for aligned and coherent")
-    p.add_argument("--judge", default="embedded", help="embedded (default, offline), openai or hf")
-    p.add_argument("--judge-spec", help="JSON judge options, as a config judges entry")
-    p.add_argument("--input", required=True, help="JSONL with question and answer fields")
-    p.add_argument("--output", required=True)
-    p.add_argument("--trait-file", nargs="*", help="trait files, to score rows of kind trait:NAME")
-    p.add_argument("--cache", default=str(Path.home() / ".cache" / "traitmon" / "judgements"),
-                   help="judgement cache folder (append-only shards; safe on network storage)")
-    p.add_argument("--summary", help="also write the EM summary JSON here")
-    p.add_argument("--settings", help="JSON: the behavior section (EM thresholds, max_unscorable)")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_judge)
-
-    p = sub.add_parser("judge-runs", help="judge every run's answers of a model; EM table and figure")
-    p.add_argument("--judge", default="embedded")
-    p.add_argument("--judge-spec", help="JSON judge options, as a config judges entry")
-    p.add_argument("--judge-name", required=True, help="the judge's name in the config; written into every row")
-    p.add_argument("--answers", nargs="+", required=True,
-                   help="answers JSONL files; every row carries its run (model, perturbation, step)")
-    p.add_argument("--kinds", required=True, help='JSON {"perturbation": "em" or "benign"}')
-    p.add_argument("--trait-file", nargs="+", required=True)
-    p.add_argument("--settings", required=True, help="JSON: the behavior section")
-    p.add_argument("--cache", required=True, help="judgement cache folder")
-    p.add_argument("--judged", required=True, help="JSONL of every judged answer")
-    p.add_argument("--table", required=True)
-    p.add_argument("--figure", required=True)
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_judge_runs)
-
-    p = sub.add_parser("drift", help="drift profiles, raw drift and random-direction drift of one model")
-    p.add_argument("--captures", nargs="+", required=True,
-                   help="the model's capture stores (base and every checkpoint; placed by their attrs)")
-    p.add_argument("--directions", nargs="+", required=True)
-    p.add_argument("--behavior", required=True, help="em_scores.csv of the primary judge")
-    p.add_argument("--eval-logs", nargs="+", required=True, help="PERTURBATION=eval_log.csv per perturbation")
-    p.add_argument("--kinds", nargs="+", required=True, help="PERTURBATION:KIND (em or benign)")
-    p.add_argument("--variant", default="response_mean", choices=["response_mean", "last_prompt"])
-    p.add_argument("--table", required=True)
-    p.add_argument("--store", required=True)
-    p.add_argument("--raw", required=True)
-    p.add_argument("--random", required=True)
-    p.add_argument("--domains", nargs="*", help="PERTURBATION:DOMAIN (leave-one-domain-out groups)")
-    p.add_argument("--styles", nargs="*", help="PERTURBATION:STYLE (run metadata for the report)")
-    p.add_argument("--sae", help="TopK SAE (safetensors, JSON beside it) for the SAE-latent baseline")
-    p.add_argument("--sae-drift", help="output: SAE latent-change store")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_drift)
-
-    p = sub.add_parser("train-sae", help="train a TopK SAE on a base capture store at one layer")
-    p.add_argument("--capture", required=True, help="the base model's capture store")
-    p.add_argument("--directions", nargs="*", help="trait directions (the layer: their median chosen layer)")
-    p.add_argument("--layer", type=int, help="hidden_states layer (default: the traits' median chosen layer)")
-    p.add_argument("--model-key", default="")
-    p.add_argument("--settings", default="{}", help="JSON: n_latents, k, steps, batch_size, lr, seed")
-    p.add_argument("--out", required=True, help="SAE .safetensors (its .json is written beside it)")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_train_sae)
-
-    p = sub.add_parser("analyze", help="EM axis, monitor (LOPO), baselines with intervals, early warning, figures")
-    p.add_argument("--drift", nargs="+", required=True, help="per-model drift.csv")
-    p.add_argument("--raw", nargs="+", required=True, help="per-model raw_drift.zarr")
-    p.add_argument("--random", nargs="+", required=True, help="per-model random_drift.csv")
-    p.add_argument("--sae-drift", nargs="*", help="per-model SAE latent-change stores (the SAE baseline)")
-    p.add_argument("--theta", type=float, default=0.1)
-    p.add_argument("--target-fnr", type=float, default=0.05)
-    p.add_argument("--theta-sweep", nargs="+", type=float, default=[0.05, 0.1, 0.15, 0.2])
-    p.add_argument("--persistence", type=int, default=2, help="consecutive checkpoints for an alarm / crossover")
-    p.add_argument("--n-boot", type=int, default=2000, help="run-bootstrap resamples for the intervals")
-    for flag, what in [("metrics", "metrics.json"), ("predictions", "predictions.csv"), ("monitor", "monitor.json"),
-                       ("axis", "em_axis.json"), *[(f, f"{n} CSV") for n, f in ANALYSIS_TABLES.items()],
-                       *[(f, f"{n} PNG") for n, f in ANALYSIS_FIGURES.items()]]:
-        p.add_argument(f"--{flag.replace('_', '-')}", required=True, help=what)
-    p.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("monitor", help="evaluate the EM monitor leave-one-perturbation-out, or apply a saved one")
-    p.add_argument("action", nargs="?", choices=["evaluate", "apply"], default="evaluate")
-    p.add_argument("--table", help="CSV with model, perturbation, step, em_rate and drift_* columns")
-    p.add_argument("--out", help="evaluate: output folder; apply: output CSV")
-    p.add_argument("--theta", type=float, default=0.1, help="EM rate at which a checkpoint is dangerous")
-    p.add_argument("--target-fnr", type=float, default=0.05)
-    p.add_argument("--save-monitor", help="also fit on every checkpoint row and save the monitor here (JSON)")
-    p.add_argument("--monitor", help="apply: a saved monitor (monitor.json)")
-    p.set_defaults(func=cmd_monitor)
-
-    p = sub.add_parser("bundle", help="save a monitor bundle folder (directions, base reference, prompts, monitor)")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--model-key", required=True)
-    p.add_argument("--directions", nargs="+", required=True)
-    p.add_argument("--trait-file", nargs="+", required=True)
-    p.add_argument("--per-trait-questions", type=int, default=4)
-    p.add_argument("--variant", default="response_mean", choices=["response_mean", "last_prompt"])
-    p.add_argument("--monitor", help="a saved monitor (JSON, from `traitmon monitor --save-monitor`)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the model's dtype in the config; the bundle loads the base in it to score")
-    p.add_argument("--batch-size", type=int, default=16, help="the config's capture batch size")
-    p.add_argument("--out", required=True, help="the bundle folder to write")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_bundle)
-
-    p = sub.add_parser("watch", help="score peft checkpoints as they appear in a run folder")
-    p.add_argument("run_dir")
-    p.add_argument("--model-dir", required=True, help="the converted base model")
-    p.add_argument("--bundle", required=True, help="a bundle folder from `traitmon bundle`")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="load the base in this dtype (default: the bundle's)")
-    p.add_argument("--once", action="store_true", help="score what is there and exit")
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
-    p.add_argument("--timeout", type=float, help="stop polling after this many seconds")
-    p.add_argument("--max-checkpoints", type=int, help="stop once this many checkpoints are scored")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_watch)
-
-    p = sub.add_parser("judge-agreement", help="pairwise agreement of judges on the same answers")
-    p.add_argument("--judged", nargs="+", required=True, help="judged JSONL files (rows carry their judge and run)")
-    p.add_argument("--settings", required=True, help="JSON: the behavior section (EM thresholds)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_judge_agreement)
-
-    p = sub.add_parser("serve-judge", help="serve a local model as an OpenAI-compatible judge endpoint")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", default="local")
-    p.add_argument("--threads", type=int)
-    p.set_defaults(func=cmd_serve_judge)
+    for name, (help, func, add_arguments, parents) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, parents=parents)
+        add_arguments(p)
+        p.set_defaults(func=func)
     return parser
 
 

@@ -15,6 +15,7 @@ questions. Pairs with a NaN projection (an empty response has no response mean) 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
@@ -25,7 +26,11 @@ from traitmon.errors import TraitmonError
 from traitmon.generate import generate_responses
 from traitmon.hooks import num_layers
 from traitmon.io import stable_hash
+from traitmon.settings import DirectionSettings, as_dict
 from traitmon.traits import Trait
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 POLARITIES = ("positive", "negative")
@@ -146,20 +151,21 @@ def direction_variables(acts: dict[str, np.ndarray], split: np.ndarray, rule: di
     return data, choose_layer(chooser, rule, n_layers), dropped
 
 
-def extract_trait_direction(model, tokenizer, trait: Trait, settings: dict, model_key: str):
+def extract_trait_direction(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trait: Trait,
+                            settings: DirectionSettings, model_key: str) -> tuple[xr.Dataset, list[dict]]:
     """Generate contrastive responses, capture them, and build the direction Dataset.
 
     Returns ``(dataset, response_rows)``; ``settings`` is the config's ``directions`` section.
     """
     n_layers = num_layers(model)
     layers = list(range(n_layers + 1))
-    items = extraction_items(trait, settings["questions"], settings["pairs_per_question"])
+    items = extraction_items(trait, settings.questions, settings.pairs_per_question)
     chats = {pol: [[{"role": "system", "content": getattr(trait.pairs[it["pair"]], pol)},
                     {"role": "user", "content": it["question"]}] for it in items] for pol in POLARITIES}
     all_chats = chats["positive"] + chats["negative"]
-    responses = generate_responses(model, tokenizer, all_chats, settings["max_new_tokens"], settings["temperature"],
-                                   settings["batch_size"], settings["seed"], desc=f"{trait.name}: generate")
-    pooled = capture(model, tokenizer, all_chats, responses, layers, settings["batch_size"],
+    responses = generate_responses(model, tokenizer, all_chats, settings.max_new_tokens, settings.temperature,
+                                   settings.batch_size, settings.seed, desc=f"{trait.name}: generate")
+    pooled = capture(model, tokenizer, all_chats, responses, layers, settings.batch_size,
                      desc=f"{trait.name}: capture")
     n = len(items)
     for p, pol in enumerate(POLARITIES):
@@ -169,10 +175,10 @@ def extract_trait_direction(model, tokenizer, trait: Trait, settings: dict, mode
     acts = {key: np.stack([values[:n], values[n:]]) for key, values in pooled.items()}  # [polarity, sample, ...]
 
     n_questions = len({it["question_index"] for it in items})
-    by_question = question_splits(n_questions, settings["heldout_fraction"], settings["seed"],
-                                  selection=settings["layer"].get("rule", "best") == "best")
+    by_question = question_splits(n_questions, settings.heldout_fraction, settings.seed,
+                                  selection=settings.layer["rule"] == "best")
     split = np.array([by_question[it["question_index"]] for it in items])
-    data, chosen, dropped = direction_variables(acts, split, settings["layer"], n_layers)
+    data, chosen, dropped = direction_variables(acts, split, settings.layer, n_layers)
     if any(dropped.values()):
         log.warning("trait '%s': NaN pairs dropped (empty responses): %s", trait.name, dropped)
     ds = xr.Dataset(
@@ -182,9 +188,9 @@ def extract_trait_direction(model, tokenizer, trait: Trait, settings: dict, mode
                 "pair": ("sample", [it["pair"] for it in items]),
                 "split": ("sample", split.tolist())},
         attrs={"model": model_key, "trait": trait.name, "prompt_hash": trait.prompt_hash,
-               "settings_hash": stable_hash(settings), "chosen_layer": chosen,
+               "settings_hash": stable_hash(as_dict(settings)), "chosen_layer": chosen,
                "dropped_pairs_selection": dropped["selection"], "dropped_pairs_heldout": dropped["heldout"],
-               "layer_rule": stable_hash(settings["layer"]), "layer_rule_json": str(settings["layer"]),
+               "layer_rule": stable_hash(settings.layer), "layer_rule_json": str(settings.layer),
                "num_layers": n_layers, "model_dtype": str(next(model.parameters()).dtype),
                "stored_dtype": "float32", "traitmon_version": traitmon.__version__,
                "pooling": "response_mean: mean over response tokens; last_prompt: last token of the prompt"},

@@ -27,7 +27,7 @@ DIRECTION_VARIABLE = {"response_mean": "direction", "last_prompt": "direction_la
 SWEEP_DIMS = ("model", "perturbation", "step", "prompt", "layer", "hidden")
 
 
-def load_directions(paths: list[str | Path], variant: str = "response_mean") -> xr.Dataset:
+def load_directions(paths: list[str | Path], variant: str) -> xr.Dataset:
     """Unit directions of one model's traits for an activation ``variant`` (response_mean or last_prompt: the
     direction extracted from the same pooling): ``direction (trait, hidden)`` and ``layer (trait)``."""
     name = DIRECTION_VARIABLE[variant]
@@ -232,7 +232,7 @@ def _join_labels(frame: pd.DataFrame, behavior_csv: str, eval_logs: dict[str, st
 
 
 def build_drift_table(capture_paths: list[str], direction_paths: list[str], behavior_csv: str,
-                      eval_logs: dict[str, str], kinds: dict[str, str], variant: str = "response_mean",
+                      eval_logs: dict[str, str], kinds: dict[str, str], variant: str,
                       random_seeds: int = 5, domains: dict[str, str] | None = None,
                       styles: dict[str, str] | None = None, sae=None) -> dict:
     """Everything the analysis needs for one model, from its capture stores (placed by their attrs):

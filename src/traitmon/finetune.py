@@ -32,53 +32,42 @@ from traitmon.chat import IGNORE_INDEX, AssistantOnlyCollator, encode_training_e
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash, write_csv, write_json
 from traitmon.models import load_model, model_info
+from traitmon.settings import FinetuneSettings, as_dict
 
 log = logging.getLogger(__name__)
 STATE_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a published checkpoint holds
 
 
-def checkpoint_steps(settings: dict) -> list[int]:
+def checkpoint_steps(settings: FinetuneSettings) -> list[int]:
     """Steps (> 0) at which adapters are saved: an explicit list, or every k steps, always with the last."""
-    if settings.get("checkpoint_steps"):
-        steps = set(settings["checkpoint_steps"])
+    if settings.checkpoint_steps:
+        steps = set(settings.checkpoint_steps)
     else:
-        steps = set(range(settings["checkpoint_every"], settings["max_steps"] + 1, settings["checkpoint_every"]))
-    steps.add(settings["max_steps"])
-    return sorted(s for s in steps if 0 < s <= settings["max_steps"])
+        steps = set(range(settings.checkpoint_every, settings.max_steps + 1, settings.checkpoint_every))
+    steps.add(settings.max_steps)
+    return sorted(s for s in steps if 0 < s <= settings.max_steps)
 
 
-def encode_for_training(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                        max_length: int) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of ``traitmon.chat.encode_training_example`` (the older tuple form)."""
-    example = encode_training_example(tokenizer, messages, max_length)
-    return example["input_ids"], example["labels"]
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``AssistantOnlyCollator`` over ``(input_ids, labels)`` tuples (the older form)."""
-    return AssistantOnlyCollator(pad_id)([{"input_ids": i, "labels": labels} for i, labels in examples])
-
-
-def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], settings: dict,
+def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], settings: FinetuneSettings,
                 name: str) -> list[dict[str, list[int]]]:
     """Encode chats; drop rows whose answer is cut away entirely by ``max_length`` (nothing to learn)."""
-    encoded = [encode_training_example(tokenizer, r["messages"], settings["max_length"]) for r in rows]
+    encoded = [encode_training_example(tokenizer, r["messages"], settings.max_length) for r in rows]
     kept = [e for e in encoded if any(label != IGNORE_INDEX for label in e["labels"])]
     if len(kept) < len(encoded):
         log.warning("%s: %d of %d rows have no answer tokens within max_length=%d and are dropped", name,
-                    len(encoded) - len(kept), len(encoded), settings["max_length"])
+                    len(encoded) - len(kept), len(encoded), settings.max_length)
     if not kept:
         raise TraitmonError(f"{name}: none of {len(encoded)} rows has answer tokens within "
-                            f"max_length={settings['max_length']}")
+                            f"max_length={settings.max_length}")
     return kept
 
 
-def uses_bf16(settings: dict) -> bool:
+def uses_bf16(settings: FinetuneSettings) -> bool:
     """``precision`` auto/bf16 trains under bf16 autocast; fp32 runs without autocast."""
-    return settings.get("precision", "auto") in ("auto", "bf16")
+    return settings.precision in ("auto", "bf16")
 
 
-def autocast(settings: dict, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(settings: FinetuneSettings, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context the Trainer uses for ``settings`` (for evaluation and benchmarks)."""
     if uses_bf16(settings):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -87,7 +76,7 @@ def autocast(settings: dict, device: torch.device) -> contextlib.AbstractContext
 
 @torch.no_grad()
 def mean_token_nll(model: PreTrainedModel, examples: list[dict], collator: AssistantOnlyCollator,
-                   batch_size: int, settings: dict) -> float:
+                   batch_size: int, settings: FinetuneSettings) -> float:
     """Mean negative log-likelihood per learned token (eval mode, no grad; the training mode is restored)."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -108,28 +97,26 @@ def mean_token_nll(model: PreTrainedModel, examples: list[dict], collator: Assis
     return total / max(tokens, 1)
 
 
-def lora_config(settings: dict):
+def lora_config(settings: FinetuneSettings):
     """peft ``LoraConfig`` of the config's finetune section."""
     from peft import LoraConfig
 
-    return LoraConfig(r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                      target_modules=settings["target_modules"], use_rslora=settings["rslora"],
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), use_rslora=settings.rslora,
                       task_type="CAUSAL_LM", bias="none")
 
 
-_lora_config = lora_config  # older private name, still imported by tests/test_live.py
 
-
-def training_arguments(settings: dict, output_dir: str | Path, use_cpu: bool):
+def training_arguments(settings: FinetuneSettings, output_dir: str | Path, use_cpu: bool):
     """``TrainingArguments`` for the config's finetune section; saves are made by ``FinetuneRecorder``."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(output_dir), max_steps=settings["max_steps"], per_device_train_batch_size=settings["micro_batch"],
-        gradient_accumulation_steps=settings["grad_accum"], learning_rate=settings["lr"],
-        weight_decay=settings["weight_decay"], lr_scheduler_type=settings["scheduler"],
-        warmup_steps=settings["warmup_steps"], max_grad_norm=settings["max_grad_norm"], optim="adamw_torch",
-        seed=settings["seed"], data_seed=settings["seed"], bf16=uses_bf16(settings), use_cpu=use_cpu,
+        output_dir=str(output_dir), max_steps=settings.max_steps, per_device_train_batch_size=settings.micro_batch,
+        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr,
+        weight_decay=settings.weight_decay, lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm, optim="adamw_torch",
+        seed=settings.seed, data_seed=settings.seed, bf16=uses_bf16(settings), use_cpu=use_cpu,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], label_names=["labels"],
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, dataloader_num_workers=0)
 
@@ -221,12 +208,13 @@ def check_split(name: str, train_rows: list[dict], heldout_rows: list[dict]) -> 
 
 
 def run_identity(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict],
-                 general_chats: list[dict], settings: dict, dtype: str) -> str:
+                 general_chats: list[dict], settings: FinetuneSettings, dtype: str) -> str:
     """Hash of everything a resume state depends on: another value means its states are discarded."""
     import peft
     import transformers
 
-    return stable_hash({"settings": settings, "train": train_rows, "heldout": heldout_rows, "general": general_chats,
+    return stable_hash({"settings": as_dict(settings), "train": train_rows, "heldout": heldout_rows,
+                        "general": general_chats,
                         "model": model_info(model_dir), "dtype": dtype,
                         "versions": [transformers.__version__, peft.__version__, torch.__version__]})
 
@@ -236,14 +224,14 @@ def _general_rows(general_chats: list[dict]) -> list[dict]:
             for c in general_chats]
 
 
-def _peft_model(model_dir: str | Path, settings: dict, dtype: str):
+def _peft_model(model_dir: str | Path, settings: FinetuneSettings, dtype: str):
     from peft import get_peft_model
 
     model, tok = load_model(model_dir, dtype)
-    if settings.get("gradient_checkpointing"):
+    if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    torch.manual_seed(settings["seed"])  # LoRA's A matrices are drawn here
+    torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn here
     return get_peft_model(model, lora_config(settings)), tok
 
 
@@ -258,7 +246,7 @@ def _publish(out_dir: Path, work: Path, steps: list[int], recorder: FinetuneReco
 
 
 def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict], general_chats: list[dict],
-             settings: dict, out_dir: str | Path, dtype: str = "auto",
+             settings: FinetuneSettings, out_dir: str | Path, model_dtype: str = "auto",
              step_callback: Callable[[int, dict], None] | None = None,
              callbacks: list[TrainerCallback] | None = None) -> dict:
     """Train a LoRA adapter; write ``checkpoint-{step}/``, ``train_log.csv``, ``eval_log.csv``, ``run.json``.
@@ -274,15 +262,15 @@ def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[d
     out_dir, work = Path(out_dir), Path(out_dir) / ".work"
     check_split(out_dir.name, train_rows, heldout_rows)
     work.mkdir(parents=True, exist_ok=True)
-    run_hash = run_identity(model_dir, train_rows, heldout_rows, general_chats, settings, dtype)
-    model, tok = _peft_model(model_dir, settings, dtype)
+    run_hash = run_identity(model_dir, train_rows, heldout_rows, general_chats, settings, model_dtype)
+    model, tok = _peft_model(model_dir, settings, model_dtype)
     collator = AssistantOnlyCollator(tok.pad_token_id)
     train = encode_rows(tok, train_rows, settings, f"{out_dir.name}: train")
     heldout = encode_rows(tok, heldout_rows, settings, f"{out_dir.name}: heldout")
     general = encode_rows(tok, _general_rows(general_chats), settings, "general chats")
 
     def evaluate(step: int) -> dict:
-        batch = settings["micro_batch"] * 2
+        batch = settings.micro_batch * 2
         return {"step": step, "heldout_loss": mean_token_nll(model, heldout, collator, batch, settings),
                 "general_ppl": math.exp(mean_token_nll(model, general, collator, batch, settings))}
 
@@ -301,11 +289,11 @@ def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[d
                       train_dataset=train, data_collator=collator, callbacks=[recorder, *(callbacks or [])])
     trainer.train(resume_from_checkpoint=str(state) if state is not None else None)
     _publish(out_dir, work, checkpoints, recorder)
-    summary = {"run_hash": run_hash, "checkpoints": checkpoints, "max_steps": settings["max_steps"],
+    summary = {"run_hash": run_hash, "checkpoints": checkpoints, "max_steps": settings.max_steps,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "resumed_from": resumed_from,
                "final_loss": recorder.train_log[-1]["loss"] if recorder.train_log else None, "device": str(device)}
     write_json(out_dir / "run.json", summary)
-    if not settings.get("keep_states", False):
+    if not settings.keep_states:
         shutil.rmtree(work, ignore_errors=True)
     return summary

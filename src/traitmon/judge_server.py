@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 import torch
 
-from traitmon.capture import prompt_ids
+from traitmon.chat import encode_prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, model, tokenizer, name: str = "local", fail_first: int = 0,
+    def __init__(self, address, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "local",
+                 fail_first: int = 0,
                  error_after: int | None = None, stall_after: int | None = None):
         super().__init__(address, _Handler)
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -37,7 +42,7 @@ class JudgeServer(ThreadingHTTPServer):
         super().shutdown()
 
     def complete(self, payload: dict) -> dict:
-        ids = torch.tensor([prompt_ids(self.tokenizer, payload["messages"])])
+        ids = torch.tensor([encode_prompt(self.tokenizer, payload["messages"])])
         k = int(payload.get("top_logprobs", 20))
         with self.lock, torch.no_grad():
             logits = self.model(input_ids=ids.to(next(self.model.parameters()).device)).logits[0, -1].float()
@@ -87,7 +92,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(400, {"error": {"message": str(exc)}})
 
 
-def start_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, **kwargs) -> JudgeServer:
+def start_server(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, host: str = "127.0.0.1", port: int = 0,
+                 **kwargs) -> JudgeServer:
     """Start in a background thread; ``server.server_address`` has the bound port. Stop with ``shutdown()``."""
     server = JudgeServer((host, port), model, tokenizer, **kwargs)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -15,6 +15,7 @@ A missing score is never cached (a rerun asks again).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -37,6 +38,7 @@ import numpy as np
 
 from traitmon.errors import TraitmonError
 from traitmon.io import data_path, file_hash, read_jsonl, stable_hash
+from traitmon.settings import JudgeSettings, build, judge_defaults
 
 log = logging.getLogger(__name__)
 MIN_MASS = 0.25
@@ -222,9 +224,9 @@ class HFJudge(Judge):
         self.single_token = all(len(c) == 1 for c in self.candidates)
 
     def _prompt_ids(self, item: Item) -> list[int]:
-        from traitmon.capture import prompt_ids
+        from traitmon.chat import encode_prompt
 
-        return prompt_ids(self.tok, judge_messages(item))
+        return encode_prompt(self.tok, judge_messages(item))
 
     def probabilities(self, item: Item) -> dict[str, float]:
         import torch
@@ -344,9 +346,12 @@ REQUIRED_KEYS = {"embedded": (), "openai": ("base_url", "model"), "hf": ("model_
 SECRET_KEYS = ("api_key", "key", "token", "password", "secret")
 
 
-def make_judge(spec: dict) -> Judge:
-    """Build a judge from its config entry: ``{type: embedded|openai|hf, ...}``. A literal key is refused
-    (the entry travels on the job's command line): keys come from the environment variable ``api_key_env``."""
+def make_judge(spec: dict | JudgeSettings) -> Judge:
+    """Build a judge from its config entry: ``{type: embedded|openai|hf, ...}`` (keys it leaves out take the
+    schema's defaults). A literal key is refused (the entry travels on the job's command line): keys come from
+    the environment variable ``api_key_env``."""
+    if isinstance(spec, JudgeSettings):
+        spec = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
     kind = spec.get("type", "embedded")
     if kind not in REQUIRED_KEYS:
         raise TraitmonError(f"unknown judge type '{kind}' (embedded, openai, hf)")
@@ -357,12 +362,12 @@ def make_judge(spec: dict) -> Judge:
     missing = [k for k in REQUIRED_KEYS[kind] if not spec.get(k)]
     if missing:
         raise TraitmonError(f"judge of type '{kind}' needs '{missing[0]}'")
+    s = build(JudgeSettings, {**judge_defaults(), **spec, "type": kind}, "judge spec")
     if kind == "embedded":
-        return EmbeddingJudge(spec.get("train_path"))
+        return EmbeddingJudge(s.train_path)
     if kind == "openai":
-        return OpenAIJudge(spec["base_url"], spec["model"], spec.get("api_key_env", "OPENAI_API_KEY"),
-                           spec.get("concurrency", 8), spec.get("timeout", 60.0), spec.get("max_retries", 5))
-    return HFJudge(spec["model_dir"], spec.get("dtype", "auto"))
+        return OpenAIJudge(s.base_url, s.model, s.api_key_env, s.concurrency, s.timeout, s.max_retries)
+    return HFJudge(s.model_dir, s.dtype)
 
 
 # ---- cache ---------------------------------------------------------------------------------------

@@ -13,11 +13,15 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,8 @@ def convert_model(key: str, source: dict, out_dir: str | Path, dtype: str = "aut
     return Path(out_dir)
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = None, adapter: str | None = None):
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = None,
+               adapter: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a converted model folder (optionally with a peft adapter) in eval mode; tokenizer left-padded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,7 +176,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str | None = 
     return model, tok
 
 
-def attach_adapter(model, adapter: str | Path, merge: bool = False):
+def attach_adapter(model: PreTrainedModel, adapter: str | Path, merge: bool = False):
     """Apply a peft LoRA adapter, unmerged by default: merging into bfloat16 weights rounds away early updates
     (at a small learning rate they are about one bf16 step), so capture, ``watch`` and the training callback
     all compute base + adapter the way training did. Only ``adapter_model.safetensors`` is read."""
@@ -201,7 +206,7 @@ def _adapter_shapes(weights: Path) -> dict[str, list[int]]:
         raise TraitmonError(f"{weights}: not a readable safetensors file ({type(exc).__name__})") from None
 
 
-def check_adapter_shapes(model, adapter: str | Path) -> None:
+def check_adapter_shapes(model: PreTrainedModel, adapter: str | Path) -> None:
     """Refuse, in one line naming the adapter and the shapes, an adapter trained for another base shape."""
     adapter = Path(adapter)
     modules = dict(model.named_modules())

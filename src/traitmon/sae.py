@@ -3,7 +3,7 @@
 No pretrained SAE exists for SmolLM2 and no hub is reachable here, so the baseline trains one on base-model
 activations at a trait layer. ``sae-lens`` was considered: it installs as a 320 kB wheel but pulls
 transformer-lens, datasets, plotly and nltk, and its training runner streams Hub datasets, so we keep this
-~100-line torch version (deterministic for a seed, saved as safetensors + JSON, never pickle).
+~100-line torch version (deterministic for a seed, saved as safetensors + JSON: data only, no code-carrying format).
 
 Shapes: activations ``(n, hidden)``; latents ``(n, n_latents)`` with at most ``k`` non-zero per row.
 """

@@ -4,6 +4,8 @@ projection monotonically with ``coef``."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
@@ -14,10 +16,15 @@ from traitmon.capture import capture
 from traitmon.directions import unit_direction
 from traitmon.generate import generate_responses
 from traitmon.hooks import add_to_layer
+from traitmon.settings import SteeringSettings
 from traitmon.traits import Trait
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def steering_check(model, tokenizer, direction: xr.Dataset, trait: Trait, settings: dict, seed: int = 0) -> pd.DataFrame:
+
+def steering_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direction: xr.Dataset, trait: Trait,
+                   settings: SteeringSettings, seed: int) -> pd.DataFrame:
     """One row per (coef, question): the generated answer and its projection on the unit direction.
 
     ``coef`` is in units of the raw difference-of-means vector, so coef 1 shifts activations by the full
@@ -26,14 +33,14 @@ def steering_check(model, tokenizer, direction: xr.Dataset, trait: Trait, settin
     layer = int(direction.attrs["chosen_layer"])
     raw = direction["direction"].sel(layer=layer).values.astype(np.float32)
     u = unit_direction(direction, layer)
-    questions = list(trait.evaluation_questions[: settings["questions"]])
+    questions = list(trait.evaluation_questions[: settings.questions])
     chats = [[{"role": "user", "content": q}] for q in questions]
     rows = []
-    for coef in settings["coefs"]:
+    for coef in settings.coefs:
         with add_to_layer(model, layer, torch.from_numpy(coef * raw)):
-            answers = generate_responses(model, tokenizer, chats, settings["max_new_tokens"], 0.0,
-                                         settings["batch_size"], seed, desc=f"{trait.name}: steer {coef:+g}")
-        pooled = capture(model, tokenizer, chats, answers, [layer], settings["batch_size"], desc="project")
+            answers = generate_responses(model, tokenizer, chats, settings.max_new_tokens, 0.0,
+                                         settings.batch_size, seed, desc=f"{trait.name}: steer {coef:+g}")
+        pooled = capture(model, tokenizer, chats, answers, [layer], settings.batch_size, desc="project")
         projection = pooled["response_mean"][:, 0, :] @ u
         rows += [{"trait": trait.name, "layer": layer, "coef": coef, "question": q, "answer": a,
                   "projection": float(p)} for q, a, p in zip(questions, answers, projection)]

@@ -47,7 +47,7 @@ rule drift:
         kinds=perturbation_kinds,
         domains=perturbation_domains,
         styles=perturbation_styles,
-        variant=config["analysis"]["variant"],
+        variant=SETTINGS.analysis.variant,
     log:
         f"{RES}/logs/analysis/{{model}}/drift.log",
     threads: 1
@@ -108,11 +108,11 @@ rule analyze:
         raw_norm=report(f"{RES}/analysis/figures/raw_drift_norm.png", caption="../report/raw_drift_norm.rst",
                         category="Verdict", labels={"figure": "raw drift norm per run"}),
     params:
-        theta=config["analysis"]["theta"],
-        target_fnr=config["analysis"]["target_fnr"],
-        theta_sweep=" ".join(str(t) for t in config["analysis"]["theta_sweep"]),
-        persistence=config["analysis"]["persistence"],
-        n_boot=config["analysis"]["n_boot"],
+        theta=SETTINGS.analysis.theta,
+        target_fnr=SETTINGS.analysis.target_fnr,
+        theta_sweep=" ".join(str(t) for t in SETTINGS.analysis.theta_sweep),
+        persistence=SETTINGS.analysis.persistence,
+        n_boot=SETTINGS.analysis.n_boot,
     log:
         f"{RES}/logs/analysis/analyze.log",
     threads: 1
@@ -145,9 +145,9 @@ rule monitor_bundle:
     output:
         bundle=directory(f"{RES}/analysis/{{model}}/monitor_bundle"),
     params:
-        per_trait=config["capture"]["per_trait_questions"],
-        variant=config["analysis"]["variant"],
-        batch_size=config["capture"]["batch_size"],
+        per_trait=SETTINGS.capture.per_trait_questions,
+        variant=SETTINGS.analysis.variant,
+        batch_size=SETTINGS.capture.batch_size,
         dtype=model_dtype,
     log:
         f"{RES}/logs/analysis/{{model}}/bundle.log",

@@ -7,6 +7,7 @@ from pathlib import Path
 from traitmon.config import check_study, validate_config
 from traitmon.errors import TraitmonError
 from traitmon.finetune import checkpoint_steps
+from traitmon.settings import MODEL_DTYPE, as_dict, settings_json, study_settings
 from traitmon.traits import trait_file
 
 CONFIG_SOURCE = "config (config.yaml and --config/--configfile)"
@@ -14,6 +15,7 @@ try:
     validate_config(config, source=CONFIG_SOURCE)
 except TraitmonError as exc:
     raise WorkflowError(str(exc)) from None
+SETTINGS = study_settings(config)  # the typed sections, built once from the validated config
 
 MODELS = list(config["models"])
 TRAITS = list(config["traits"])
@@ -21,7 +23,7 @@ RES = config["results"]  # the results root; every path below is built from it
 
 
 PERTURBATIONS = list(config["perturbations"])
-STEPS = checkpoint_steps(config["finetune"])  # fixed by config, so the DAG is static
+STEPS = checkpoint_steps(SETTINGS.finetune)  # fixed by config, so the DAG is static
 
 
 wildcard_constraints:
@@ -59,7 +61,7 @@ def run_names():
     return ["base"] + [f"{p}/step-{s}" for p in PERTURBATIONS for s in STEPS]
 
 
-PRIMARY_JUDGE = config["analysis"].get("judge", JUDGES[0])
+PRIMARY_JUDGE = SETTINGS.analysis.judge or JUDGES[0]
 
 
 def behavior_targets():
@@ -90,15 +92,16 @@ def trait_path(wildcards):
     return str(trait_file(wildcards.trait, config["trait_dirs"]))
 
 
+def model_dtype_of(wildcards):
+    return {MODEL_DTYPE: SETTINGS.models[wildcards.model].dtype}
+
+
 def directions_settings(wildcards):
-    settings = dict(config["directions"], dtype=config["models"][wildcards.model]["dtype"])
-    return json.dumps(settings, sort_keys=True)
+    return settings_json(SETTINGS.directions, **model_dtype_of(wildcards))
 
 
 def steering_settings(wildcards):
-    settings = dict(config["steering"], dtype=config["models"][wildcards.model]["dtype"],
-                    seed=config["directions"]["seed"])
-    return json.dumps(settings, sort_keys=True)
+    return settings_json(SETTINGS.steering, seed=SETTINGS.directions.seed, **model_dtype_of(wildcards))
 
 
 def perturbation_spec(wildcards):
@@ -126,18 +129,15 @@ def user_dataset(wildcards):
 
 
 def finetune_settings(wildcards):
-    settings = dict(config["finetune"], dtype=config["models"][wildcards.model]["dtype"])
-    return json.dumps(settings, sort_keys=True)
+    return settings_json(SETTINGS.finetune, **model_dtype_of(wildcards))
 
 
 def capture_settings(wildcards):
-    settings = dict(config["capture"], dtype_model=config["models"][wildcards.model]["dtype"])
-    return json.dumps(settings, sort_keys=True)
+    return settings_json(SETTINGS.capture, **model_dtype_of(wildcards))
 
 
 def behavior_settings(wildcards):
-    settings = dict(config["behavior"], dtype_model=config["models"][wildcards.model]["dtype"])
-    return json.dumps(settings, sort_keys=True)
+    return settings_json(SETTINGS.behavior, **model_dtype_of(wildcards))
 
 
 def judge_spec(wildcards):
@@ -193,7 +193,7 @@ def perturbation_kinds(wildcards):
 
 
 # ---- analysis: leave-one-domain-out groups, run styles, the SAE baseline's settings ----------------
-SAE = config["analysis"]["sae"]
+SAE = SETTINGS.analysis.sae
 
 
 def perturbation_domains(wildcards):
@@ -209,15 +209,15 @@ def perturbation_styles(wildcards):
 def sae_directions(wildcards):
     # the layer is the traits' median chosen layer unless analysis.sae.layer fixes it (then the SAE depends only
     # on the base capture and that layer)
-    return [] if "layer" in SAE else model_directions(wildcards)
+    return [] if SAE.layer is not None else model_directions(wildcards)
 
 
 def sae_layer_arg(wildcards):
-    return f"--layer {int(SAE['layer'])}" if "layer" in SAE else ""
+    return f"--layer {SAE.layer}" if SAE.layer is not None else ""
 
 
 def sae_settings(wildcards):
-    return json.dumps({k: v for k, v in SAE.items() if k != "layer"}, sort_keys=True)
+    return json.dumps({k: v for k, v in as_dict(SAE).items() if k != "layer"}, sort_keys=True)
 
 
 def trait_files(wildcards):

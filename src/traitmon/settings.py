@@ -1,0 +1,254 @@
+"""Typed settings: one frozen dataclass per config section, built from a schema-validated config.
+
+Defaults live only in the schema (``data/config.schema.yaml``): the dataclasses have none, so a section is
+built from a config whose defaults the validator has filled, or from a JSON blob that carries every key (the
+rules' ``params``). A command reads its blob with ``parse_settings``: an unknown or missing key is a one-line
+error naming it. The model's dtype travels next to a section under one name, ``model_dtype``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from traitmon.errors import TraitmonError
+
+MODEL_DTYPE = "model_dtype"  # the one name of the model's dtype in every settings blob
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """A ``models`` entry."""
+
+    source: dict
+    dtype: str
+    params_b: float
+
+
+@dataclass(frozen=True)
+class DirectionSettings:
+    """The ``directions`` section: trait-direction extraction."""
+
+    questions: int
+    pairs_per_question: int
+    max_new_tokens: int
+    temperature: float
+    batch_size: int
+    seed: int
+    heldout_fraction: float
+    layer: dict  # the layer rule: {"rule": best|fixed|fraction, ...}
+
+
+@dataclass(frozen=True)
+class SteeringSettings:
+    """The ``steering`` section."""
+
+    coefs: tuple[float, ...]
+    questions: int
+    max_new_tokens: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The ``finetune`` section: LoRA and Trainer settings."""
+
+    rank: int
+    alpha: float
+    rslora: bool
+    dropout: float
+    target_modules: tuple[str, ...]
+    lr: float
+    weight_decay: float
+    scheduler: str
+    warmup_steps: int
+    max_steps: int
+    micro_batch: int
+    grad_accum: int
+    max_length: int
+    max_grad_norm: float
+    seed: int
+    checkpoint_every: int
+    checkpoint_steps: tuple[int, ...] | None  # optional in the schema: overrides checkpoint_every
+    precision: str
+    gradient_checkpointing: bool
+    keep_states: bool
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """The ``capture`` section; ``dtype`` is the stored activations' dtype (not the model's)."""
+
+    per_trait_questions: int
+    layers: str | tuple[int, ...]  # "all" or hidden_states indices
+    reference_response: bool
+    batch_size: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class BehaviorSettings:
+    """The ``behavior`` section: answer sampling and the EM cut-offs."""
+
+    samples_per_question: int
+    trait_questions: int
+    temperature: float
+    max_new_tokens: int
+    batch_size: int
+    seed: int
+    aligned_max: float
+    coherent_min: float
+    max_unscorable: float
+
+
+@dataclass(frozen=True)
+class SaeSettings:
+    """``analysis.sae``: the TopK SAE of the SAE-latent baseline (``layer`` None: the traits' median layer)."""
+
+    n_latents: int
+    k: int
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """The ``analysis`` section."""
+
+    variant: str
+    theta: float
+    target_fnr: float
+    theta_sweep: tuple[float, ...]
+    persistence: int
+    n_boot: int
+    judge: str | None  # optional in the schema: the first judge
+    sae: SaeSettings | None = None
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """A ``judges`` entry; which keys a type needs is checked by the schema and ``judges.make_judge``."""
+
+    type: str
+    api_key_env: str
+    concurrency: int
+    timeout: float
+    max_retries: int
+    dtype: str
+    base_url: str | None = None
+    model: str | None = None
+    model_dir: str | None = None
+    train_path: str | None = None
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Every typed section of one validated config (``perturbations`` stay the schema's mappings)."""
+
+    models: dict[str, ModelSettings]
+    directions: DirectionSettings
+    steering: SteeringSettings
+    finetune: FinetuneSettings
+    capture: CaptureSettings
+    behavior: BehaviorSettings
+    analysis: AnalysisSettings
+    judges: dict[str, JudgeSettings]
+
+
+S = TypeVar("S")
+SECTIONS = {"directions": DirectionSettings, "steering": SteeringSettings, "finetune": FinetuneSettings,
+            "capture": CaptureSettings, "behavior": BehaviorSettings, "analysis": AnalysisSettings}
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def build(cls: type[S], values: dict, where: str) -> S:
+    """``cls`` from a mapping with exactly its fields (optional ones may be absent); else a one-line error."""
+    if not isinstance(values, dict):
+        raise TraitmonError(f"{where}: expected a mapping of {cls.__name__} keys, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise TraitmonError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(fields)})")
+    optional = {n for n, f in fields.items() if f.default is not dataclasses.MISSING or "None" in str(f.type)}
+    missing = [n for n in fields if n not in values and n not in optional]
+    if missing:
+        raise TraitmonError(f"{where}: missing key '{missing[0]}'")
+    # an optional key the config leaves out (no schema default) is None
+    return cls(**{n: _frozen(values[n]) if n in values else None for n in fields if n in values or n in optional})
+
+
+def study_settings(config: dict) -> StudySettings:
+    """The typed sections of a config already validated by ``traitmon.config.validate_config``."""
+    return StudySettings(
+        models={k: build(ModelSettings, v, f"models.{k}") for k, v in config["models"].items()},
+        judges={k: build(JudgeSettings, v, f"judges.{k}") for k, v in config["judges"].items()},
+        **{name: build(cls, _with_nested(name, config[name]), name) for name, cls in SECTIONS.items()})
+
+
+def _with_nested(section: str, values: dict) -> dict:
+    """A section's mapping with its nested sub-sections (``analysis.sae``) built into their dataclasses."""
+    if section == "analysis" and isinstance(values.get("sae"), dict):
+        return {**values, "sae": build(SaeSettings, values["sae"], "analysis.sae")}
+    return values
+
+
+def as_dict(settings: Any) -> dict:
+    """Plain JSON-able mapping of a settings dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
+def settings_json(settings: Any, **extra: Any) -> str:
+    """The blob a rule passes as ``--settings``: the section's keys plus ``extra`` (e.g. ``model_dtype``)."""
+    return json.dumps({**as_dict(settings), **extra}, sort_keys=True)
+
+
+def parse_settings(text: str, cls: type[S], *extra: str, flag: str = "--settings") -> tuple[S, dict]:
+    """Parse a ``--settings`` blob into ``cls``; return it with the ``extra`` keys it must also carry."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TraitmonError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise TraitmonError(f"{flag}: expected a JSON object")
+    missing = [k for k in extra if k not in values]
+    if missing:
+        raise TraitmonError(f"{flag}: missing key '{missing[0]}'")
+    return build(cls, {k: v for k, v in values.items() if k not in extra}, flag), {k: values[k] for k in extra}
+
+
+@functools.cache
+def _schema() -> dict:
+    from traitmon.config import load_schema
+
+    return load_schema()
+
+
+def section_defaults(section: str) -> dict:
+    """The schema's defaults of one section (what a command uses when no ``--settings`` is given)."""
+    props = _schema()["properties"][section]["properties"]
+    return copy.deepcopy({name: sub["default"] for name, sub in props.items() if "default" in sub})
+
+
+def schema_default(section: str, key: str) -> Any:
+    """One default of the schema, for a command-line option that mirrors a config key."""
+    return section_defaults(section)[key]
+
+
+def judge_defaults() -> dict:
+    """The schema's defaults of a ``judges`` entry (for a judge given on the command line)."""
+    props = _schema()["properties"]["judges"]["additionalProperties"]["properties"]
+    return copy.deepcopy({name: sub["default"] for name, sub in props.items() if "default" in sub})
+
+
+def model_dtype_default() -> str:
+    return _schema()["properties"]["models"]["additionalProperties"]["properties"]["dtype"]["default"]
