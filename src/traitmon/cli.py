@@ -167,9 +167,17 @@ def cmd_answers(args) -> None:
     _set_threads(args.threads)
     settings = _settings(args.settings)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
-    model, tok = load_model(args.model_dir, settings.get("dtype_model", "auto"), adapter=args.adapter)
     run = {"model": args.model_key, "perturbation": args.perturbation, "step": args.step}
-    rows = sample_answers(model, tok, traits, settings, run, label=args.label or "")
+    generation = settings.get("generation") or {}
+    if generation.get("backend", "hf") == "server":
+        from traitmon.behavior import sample_answers_server
+
+        rows = sample_answers_server(traits, settings, run, adapter=args.adapter)
+    else:
+        dtype = generation.get("dtype", "auto")  # auto: the model's configured dtype
+        model, tok = load_model(args.model_dir, settings.get("dtype_model", "auto") if dtype == "auto" else dtype,
+                                adapter=args.adapter)
+        rows = sample_answers(model, tok, traits, settings, run, label=args.label or "")
     write_jsonl(args.out, rows)
 
 
@@ -380,6 +388,18 @@ def cmd_serve_judge(args) -> None:
     server.serve_forever()
 
 
+def cmd_serve_generate(args) -> None:
+    from traitmon.generation_server import GenerationServer
+    from traitmon.models import load_model
+
+    _set_threads(args.threads)
+    model, tok = load_model(args.model_dir, args.dtype)
+    server = GenerationServer((args.host, args.port), model, tok, name=args.name)
+    log.info("serving %s as %r on http://%s:%d/v1 (chat/completions, load_lora_adapter, unload_lora_adapter)",
+             args.model_dir, args.name, *server.server_address)
+    server.serve_forever()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="traitmon", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -579,6 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="local")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_serve_judge)
+
+    p = sub.add_parser("serve-generate", help="serve a local model and its LoRA adapters for answer sampling "
+                                              "(OpenAI-compatible, vLLM-style adapter loading)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--name", default="base", help="the base model's name in requests")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_serve_generate)
     return parser
 
 
