@@ -13,7 +13,7 @@ def test_workflow_planning_imports_no_torch():
     text = (REPO / "workflow" / "rules" / "common.smk").read_text()
     imports = [line for line in text.splitlines() if re.match(r"(from traitmon\S* import|import traitmon)", line)]
     assert imports, "common.smk imports traitmon"
-    code = "\n".join([*imports, "import sys", "print(sorted(m for m in ('torch', 'transformers', 'peft', 'zarr') "
-                                               "if m in sys.modules))"])
+    probe = "print(sorted(m for m in ('torch', 'transformers', 'peft', 'zarr') if m in sys.modules))"
+    code = "\n".join([*imports, "import sys", probe])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
