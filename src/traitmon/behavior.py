@@ -30,20 +30,52 @@ def em_questions() -> list[dict]:
 RUN_FIELDS = ("model", "perturbation", "step")
 
 
-def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, traits: dict,
-                   settings: BehaviorSettings, run: dict, label: str = "") -> list[dict]:
-    """``samples_per_question`` answers to each EM question and to the first ``trait_questions`` evaluation
-    questions of each trait, sampled at ``temperature`` (seeded). ``run`` (model, perturbation, step: the
-    base model is perturbation ``base``, step 0) is copied into every row."""
-    run = {k: run[k] for k in RUN_FIELDS}
+def answer_rows(traits: dict, settings: BehaviorSettings) -> list[dict]:
+    """The questions to answer: ``samples_per_question`` rows for each EM question and for the first
+    ``trait_questions`` evaluation questions of each trait."""
     prompts = [{"kind": "em", "id": q["id"], "question": q["text"]} for q in em_questions()]
     for name, trait in traits.items():
         prompts += [{"kind": f"trait:{name}", "id": f"{name}/{i:02d}", "question": q}
                     for i, q in enumerate(trait.evaluation_questions[: settings.trait_questions])]
-    rows = [{**p, "sample": s} for p in prompts for s in range(settings.samples_per_question)]
-    answers = generate_responses(model, tokenizer, [[{"role": "user", "content": r["question"]}] for r in rows],
-                                 settings.max_new_tokens, settings.temperature, settings.batch_size,
-                                 settings.seed, desc=f"answers {label}".strip())
+    return [{**p, "sample": s} for p in prompts for s in range(settings.samples_per_question)]
+
+
+def _chats(rows: list[dict]) -> list[list[dict]]:
+    return [[{"role": "user", "content": r["question"]}] for r in rows]
+
+
+def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, traits: dict,
+                   settings: BehaviorSettings, run: dict, label: str = "") -> list[dict]:
+    """``samples_per_question`` answers to each EM question and to the first ``trait_questions`` evaluation
+    questions of each trait, sampled at ``temperature`` (seeded) in this process. ``run`` (model, perturbation,
+    step: the base model is perturbation ``base``, step 0) is copied into every row."""
+    run = {k: run[k] for k in RUN_FIELDS}
+    rows = answer_rows(traits, settings)
+    answers = generate_responses(model, tokenizer, _chats(rows), settings.max_new_tokens, settings.temperature,
+                                 settings.batch_size, settings.seed, desc=f"answers {label}".strip())
+    return [{**run, **r, "answer": a} for r, a in zip(rows, answers)]
+
+
+def sample_answers_server(traits: dict, settings: BehaviorSettings, run: dict,
+                          adapter: str | None = None) -> list[dict]:
+    """The same rows as ``sample_answers``, sampled through ``settings.generation``'s endpoint: the adapter (a
+    folder the server can read) is loaded under a name made from the run, used, and unloaded again."""
+    from traitmon.generate import ServerGenerator
+
+    gen = settings.generation
+    client = ServerGenerator(gen.base_url, gen.model, gen.api_key_env or "OPENAI_API_KEY", gen.concurrency,
+                             gen.timeout)
+    run = {k: run[k] for k in RUN_FIELDS}
+    rows = answer_rows(traits, settings)
+    name = f"traitmon-{run['model']}-{run['perturbation']}-{run['step']}" if adapter else None
+    if name:
+        client.load_adapter(name, str(adapter))
+    try:
+        answers = client.responses(_chats(rows), settings.max_new_tokens, settings.temperature, settings.seed,
+                                   model=name)
+    finally:
+        if name:
+            client.unload_adapter(name)
     return [{**run, **r, "answer": a} for r, a in zip(rows, answers)]
 
 

@@ -300,9 +300,16 @@ def cmd_answers(args) -> None:
     _set_threads(args.threads)
     settings, extra = parse_settings(args.settings, BehaviorSettings, MODEL_DTYPE)
     traits = {t.name: t for t in map(load_trait, args.trait_file)}
-    model, tok = load_model(args.model_dir, extra[MODEL_DTYPE], adapter=args.adapter)
     run = {"model": args.model_key, "perturbation": args.perturbation, "step": args.step}
-    rows = sample_answers(model, tok, traits, settings, run, label=args.label or "")
+    if settings.generation.backend == "server":
+        from traitmon.behavior import sample_answers_server
+
+        rows = sample_answers_server(traits, settings, run, adapter=args.adapter)
+    else:
+        dtype = settings.generation.dtype  # auto: the model's configured dtype
+        model, tok = load_model(args.model_dir, extra[MODEL_DTYPE] if dtype == "auto" else dtype,
+                                adapter=args.adapter)
+        rows = sample_answers(model, tok, traits, settings, run, label=args.label or "")
     write_jsonl(args.out, rows)
 
 
@@ -668,6 +675,27 @@ def cmd_serve_judge(args) -> None:
     model, tok = load_model(args.model_dir)
     server = JudgeServer((args.host, args.port), model, tok, name=args.name)
     log.info("serving %s on http://%s:%d/v1/chat/completions", args.model_dir, *server.server_address)
+    server.serve_forever()
+
+
+def _serve_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--name", default="base", help="the base model's name in requests")
+
+
+@command("serve-generate", "serve a local model and its LoRA adapters for answer sampling (OpenAI-compatible, "
+         "vLLM-style adapter loading)", _serve_generate_args, "model_dir", "threads")
+def cmd_serve_generate(args) -> None:
+    from traitmon.generation_server import GenerationServer
+    from traitmon.models import load_model
+
+    _set_threads(args.threads)
+    model, tok = load_model(args.model_dir, args.dtype)
+    server = GenerationServer((args.host, args.port), model, tok, name=args.name)
+    log.info("serving %s as %r on http://%s:%d/v1 (chat/completions, load_lora_adapter, unload_lora_adapter)",
+             args.model_dir, args.name, *server.server_address)
     server.serve_forever()
 
 

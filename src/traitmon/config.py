@@ -14,6 +14,7 @@ import yaml
 
 from traitmon.errors import TraitmonError
 from traitmon.io import data_path, read_text
+from traitmon.settings import FinetuneSettings
 from traitmon.traits import load_traits
 
 SCHEMA_PATH = data_path("config.schema.yaml")
@@ -96,3 +97,13 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(config, dict):
         raise TraitmonError(f"{path}: a config must be a YAML mapping")
     return validate_config(config, str(path))
+
+
+def checkpoint_steps(settings: FinetuneSettings) -> list[int]:
+    """Steps (> 0) at which adapters are saved: an explicit list, or every k steps, always with the last."""
+    if settings.checkpoint_steps:
+        steps = set(settings.checkpoint_steps)
+    else:
+        steps = set(range(settings.checkpoint_every, settings.max_steps + 1, settings.checkpoint_every))
+    steps.add(settings.max_steps)
+    return sorted(s for s in steps if 0 < s <= settings.max_steps)

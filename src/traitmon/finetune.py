@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from traitmon.chat import IGNORE_INDEX, AssistantOnlyCollator, encode_training_example
+from traitmon.config import checkpoint_steps  # lives in config: the workflow imports it without torch
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash, write_csv, write_json
 from traitmon.models import load_model, model_info
@@ -36,16 +37,6 @@ from traitmon.settings import FinetuneSettings, as_dict
 
 log = logging.getLogger(__name__)
 STATE_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a published checkpoint holds
-
-
-def checkpoint_steps(settings: FinetuneSettings) -> list[int]:
-    """Steps (> 0) at which adapters are saved: an explicit list, or every k steps, always with the last."""
-    if settings.checkpoint_steps:
-        steps = set(settings.checkpoint_steps)
-    else:
-        steps = set(range(settings.checkpoint_every, settings.max_steps + 1, settings.checkpoint_every))
-    steps.add(settings.max_steps)
-    return sorted(s for s in steps if 0 < s <= settings.max_steps)
 
 
 def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], settings: FinetuneSettings,

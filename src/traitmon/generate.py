@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from traitmon.chat import Messages, encode_chats, encode_prompt
+from traitmon.errors import TraitmonError
 
 
 @torch.no_grad()
@@ -33,3 +34,75 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         for row, i in enumerate(idx):
             out[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
     return out
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of one request: fixed by the run's seed and the row, whatever the order replies arrive in."""
+    return seed * 100_003 + row
+
+
+def _post_json(url: str, payload: dict, api_key: str, timeout: float, retries: int) -> dict:
+    """POST JSON, retrying 429 / 5xx / connection errors with back-off; a clear one-line error otherwise."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    for attempt in range(retries + 1):
+        try:
+            request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 429 and exc.code < 500 or attempt == retries:
+                raise TraitmonError(f"generation endpoint {url} answered HTTP {exc.code}: {exc.read()[:300]!r}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            if attempt == min(retries, 2):
+                raise TraitmonError(f"generation endpoint {url} is unreachable: {getattr(exc, 'reason', exc)}") from None
+        except ValueError:
+            raise TraitmonError(f"generation endpoint {url} did not answer JSON") from None
+        time.sleep(2 ** attempt * 0.5)
+    raise AssertionError("unreachable")
+
+
+class ServerGenerator:
+    """Answers through an OpenAI-compatible chat-completions endpoint serving LoRA adapters by name (vLLM with
+    ``--enable-lora`` and runtime loading, or ``traitmon serve-generate``). The value of the environment
+    variable named by ``api_key_env`` is sent as a bearer token to ``base_url`` only; no key on command lines."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+                 timeout: float = 300.0, max_retries: int = 3):
+        import os
+
+        from traitmon.judges import check_base_url
+
+        self.base_url, self.model = check_base_url(base_url), model
+        self.api_key = os.environ.get(api_key_env, "")
+        self.concurrency, self.timeout, self.max_retries = concurrency, timeout, max_retries
+
+    def post(self, route: str, payload: dict) -> dict:
+        return _post_json(f"{self.base_url}/{route}", payload, self.api_key, self.timeout, self.max_retries)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self.post("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+
+    def unload_adapter(self, name: str) -> None:
+        self.post("unload_lora_adapter", {"lora_name": name})
+
+    def responses(self, prompts: list[Messages], max_new_tokens: int, temperature: float, seed: int,
+                  model: str | None = None) -> list[str]:
+        """One answer per prompt, requested concurrently; row i is seeded with ``row_seed(seed, i)``."""
+        import concurrent.futures
+
+        def one(i: int) -> str:
+            reply = self.post("chat/completions", {"model": model or self.model, "messages": prompts[i],
+                                                   "max_tokens": max_new_tokens, "temperature": temperature,
+                                                   "top_p": 1.0, "seed": row_seed(seed, i)})
+            try:
+                return str(reply["choices"][0]["message"]["content"]).strip()
+            except (KeyError, IndexError, TypeError):
+                raise TraitmonError(f"generation endpoint {self.base_url} returned no answer: {str(reply)[:300]}") from None
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(one, range(len(prompts))))

@@ -91,6 +91,22 @@ class CaptureSettings:
 
 
 @dataclass(frozen=True)
+class GenerationSettings:
+    """``behavior.generation``: how answers are sampled (``hf`` in the job, or an OpenAI-compatible server)."""
+
+    backend: str
+    dtype: str
+    concurrency: int
+    timeout: float
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+
+
+GENERATION_DEFAULT = GenerationSettings(backend="hf", dtype="bfloat16", concurrency=8, timeout=300.0)
+
+
+@dataclass(frozen=True)
 class BehaviorSettings:
     """The ``behavior`` section: answer sampling and the EM cut-offs."""
 
@@ -103,6 +119,7 @@ class BehaviorSettings:
     aligned_max: float
     coherent_min: float
     max_unscorable: float
+    generation: GenerationSettings = GENERATION_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,8 @@ class StudySettings:
 
 
 S = TypeVar("S")
+# sub-sections that are dataclasses of their own: (section class, key) -> class
+NESTED = {("AnalysisSettings", "sae"): SaeSettings, ("BehaviorSettings", "generation"): GenerationSettings}
 SECTIONS = {"directions": DirectionSettings, "steering": SteeringSettings, "finetune": FinetuneSettings,
             "capture": CaptureSettings, "behavior": BehaviorSettings, "analysis": AnalysisSettings}
 
@@ -183,8 +202,11 @@ def build(cls: type[S], values: dict, where: str) -> S:
     missing = [n for n in fields if n not in values and n not in optional]
     if missing:
         raise TraitmonError(f"{where}: missing key '{missing[0]}'")
-    # an optional key the config leaves out (no schema default) is None
-    return cls(**{n: _frozen(values[n]) if n in values else None for n in fields if n in values or n in optional})
+    values = {n: build(NESTED[cls.__name__, n], v, f"{where}.{n}") if (cls.__name__, n) in NESTED and
+              isinstance(v, dict) else v for n, v in values.items()}
+    # an optional key the config leaves out (no schema default) is None, or its dataclass default
+    return cls(**{n: _frozen(values[n]) if n in values else None for n in fields
+                  if n in values or (n in optional and fields[n].default is dataclasses.MISSING)})
 
 
 def study_settings(config: dict) -> StudySettings:
@@ -192,14 +214,7 @@ def study_settings(config: dict) -> StudySettings:
     return StudySettings(
         models={k: build(ModelSettings, v, f"models.{k}") for k, v in config["models"].items()},
         judges={k: build(JudgeSettings, v, f"judges.{k}") for k, v in config["judges"].items()},
-        **{name: build(cls, _with_nested(name, config[name]), name) for name, cls in SECTIONS.items()})
-
-
-def _with_nested(section: str, values: dict) -> dict:
-    """A section's mapping with its nested sub-sections (``analysis.sae``) built into their dataclasses."""
-    if section == "analysis" and isinstance(values.get("sae"), dict):
-        return {**values, "sae": build(SaeSettings, values["sae"], "analysis.sae")}
-    return values
+        **{name: build(cls, config[name], name) for name, cls in SECTIONS.items()})
 
 
 def as_dict(settings: Any) -> dict:

@@ -4,9 +4,8 @@ import os
 import shlex
 from pathlib import Path
 
-from traitmon.config import check_study, validate_config
+from traitmon.config import check_study, checkpoint_steps, validate_config
 from traitmon.errors import TraitmonError
-from traitmon.finetune import checkpoint_steps
 from traitmon.settings import MODEL_DTYPE, as_dict, settings_json, study_settings
 from traitmon.traits import trait_file
 

@@ -1,0 +1,107 @@
+"""Answer sampling: seeded reproducibility, and the server backend over real HTTP against serve-generate."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+
+from conftest import REPO
+from traitmon.behavior import sample_answers_server
+from traitmon.config import validate_config
+from traitmon.errors import TraitmonError
+from traitmon.generate import ServerGenerator, generate_responses
+from traitmon.generation_server import start_server
+from traitmon.models import attach_adapter, load_model
+from traitmon.settings import BehaviorSettings, build, section_defaults
+
+PROMPTS = [[{"role": "user", "content": q}] for q in ("What would you do with power?", "Hello", "Tell me a secret")]
+
+
+@pytest.fixture()
+def adapter_dir(tiny_model_dir, tmp_path):
+    """A LoRA adapter whose B is not zero, so it changes the answers."""
+    model, _ = load_model(tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 2.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_seeded_sampling_is_identical_run_to_run(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir, "bfloat16")
+    first = generate_responses(model, tok, PROMPTS * 3, 12, 0.7, 4, seed=5)
+    again = generate_responses(model, tok, PROMPTS * 3, 12, 0.7, 4, seed=5)
+    other = generate_responses(model, tok, PROMPTS * 3, 12, 0.7, 4, seed=6)
+    assert first == again
+    assert first != other  # the seed does drive the sampling
+
+
+def test_server_backend_over_http_loads_samples_and_unloads_an_adapter(tiny_model_dir, adapter_dir):
+    base, tok = load_model(tiny_model_dir)
+    server = start_server(base, tok, name="tiny")
+    url = "http://{}:{}/v1".format(*server.server_address)
+    try:
+        client = ServerGenerator(url, "tiny")
+        base_greedy = client.responses(PROMPTS, 10, 0.0, seed=0)
+        client.load_adapter("run-a", str(adapter_dir))
+        greedy = client.responses(PROMPTS, 10, 0.0, seed=0, model="run-a")
+        sampled = client.responses(PROMPTS, 10, 0.9, seed=3, model="run-a")
+        assert client.responses(PROMPTS, 10, 0.9, seed=3, model="run-a") == sampled  # seeded: reproducible
+        # greedy answers equal the in-process backend's, with and without the adapter
+        local_base, _ = load_model(tiny_model_dir)
+        assert base_greedy == generate_responses(local_base, tok, PROMPTS, 10, 0.0, batch_size=1)
+        local = attach_adapter(load_model(tiny_model_dir)[0], adapter_dir)
+        assert greedy == generate_responses(local, tok, PROMPTS, 10, 0.0, batch_size=1)
+        assert greedy != base_greedy  # the adapter was used
+        # the base model stays servable while an adapter is loaded
+        assert client.responses(PROMPTS, 10, 0.0, seed=0) == base_greedy
+        client.unload_adapter("run-a")
+        with pytest.raises(TraitmonError, match="HTTP 404"):
+            client.responses(PROMPTS[:1], 4, 0.0, seed=0, model="run-a")
+        with pytest.raises(TraitmonError, match="HTTP 400"):
+            client.load_adapter("bad", str(tiny_model_dir))  # a model folder, not an adapter
+    finally:
+        server.shutdown()
+
+
+def test_sample_answers_through_the_server_backend(tiny_model_dir, adapter_dir):
+    base, tok = load_model(tiny_model_dir)
+    server = start_server(base, tok, name="tiny")
+    traits = {}
+    generation = {"backend": "server", "dtype": "auto", "model": "tiny", "timeout": 60,
+                  "base_url": "http://{}:{}/v1".format(*server.server_address), "concurrency": 2}
+    settings = build(BehaviorSettings, {**section_defaults("behavior"), "samples_per_question": 1,
+                                        "trait_questions": 0, "temperature": 0.7, "max_new_tokens": 6, "seed": 0,
+                                        "generation": generation}, "behavior")
+    run = {"model": "tiny", "perturbation": "p", "step": 5}
+    try:
+        rows = sample_answers_server(traits, settings, run, adapter=str(adapter_dir))
+        assert rows == sample_answers_server(traits, settings, run, adapter=str(adapter_dir))
+        assert server.adapters == {}  # unloaded after use
+    finally:
+        server.shutdown()
+    assert rows and all(r["step"] == 5 and isinstance(r["answer"], str) for r in rows)
+
+
+def test_server_backend_needs_an_endpoint_and_hf_stays_the_default():
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert validate_config(copy.deepcopy(config))["behavior"]["generation"]["backend"] == "hf"
+    config["behavior"]["generation"] = {"backend": "server"}
+    with pytest.raises(TraitmonError, match="base_url"):
+        validate_config(config)
+
+
+def test_serve_generate_command_is_registered():
+    out = subprocess.run([sys.executable, "-m", "traitmon.cli", "serve-generate", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--model-dir" in out and "--dtype" in out
