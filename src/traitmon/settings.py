@@ -249,9 +249,19 @@ def _schema() -> dict:
 
 
 def section_defaults(section: str) -> dict:
-    """The schema's defaults of one section (what a command uses when no ``--settings`` is given)."""
-    props = _schema()["properties"][section]["properties"]
-    return copy.deepcopy({name: sub["default"] for name, sub in props.items() if "default" in sub})
+    """The schema's defaults of one section (what a command uses when no ``--settings`` is given), nested
+    sub-sections (``behavior.generation``) filled with their own defaults."""
+    return _defaults(_schema()["properties"][section])
+
+
+def _defaults(schema: dict) -> dict:
+    out = {}
+    for name, sub in schema.get("properties", {}).items():
+        if "default" in sub:
+            out[name] = copy.deepcopy(sub["default"])
+            if isinstance(out[name], dict) and "properties" in sub:
+                out[name] = {**_defaults(sub), **out[name]}
+    return out
 
 
 def schema_default(section: str, key: str) -> Any:
