@@ -332,10 +332,10 @@ def cmd_bundle(args) -> None:
     bundle.save(args.out)
 
 
-def cmd_watch(args) -> None:
+def cmd_watch(args) -> int:
     from traitmon.bundle import MonitorBundle
     from traitmon.models import load_model
-    from traitmon.watcher import watch
+    from traitmon.watcher import ALARM_EXIT, watch
 
     _set_threads(args.threads)
     if not Path(args.run_dir).is_dir():  # before loading anything: a watcher of nothing must not look quiet
@@ -344,8 +344,10 @@ def cmd_watch(args) -> None:
     base, _ = load_model(args.model_dir, args.dtype or bundle.model_dtype)
     bundle.check_model(base, args.bundle)
     del base
-    watch(args.run_dir, args.model_dir, bundle, once=args.once, interval=args.interval, timeout=args.timeout,
-          dtype=args.dtype, max_checkpoints=args.max_checkpoints, printer=lambda line: print(line, flush=True))
+    results = watch(args.run_dir, args.model_dir, bundle, once=args.once, interval=args.interval,
+                    timeout=args.timeout, dtype=args.dtype, max_checkpoints=args.max_checkpoints,
+                    printer=lambda line: print(line, flush=True), on_alarm=args.on_alarm, patience=args.patience)
+    return ALARM_EXIT if results and "stop_request" in results[-1] else 0
 
 
 def cmd_judge_agreement(args) -> None:
@@ -556,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
     p.add_argument("--timeout", type=float, help="stop polling after this many seconds")
     p.add_argument("--max-checkpoints", type=int, help="stop once this many checkpoints are scored")
+    p.add_argument("--on-alarm", default="warn", choices=["warn", "stop", "rollback"],
+                   help="stop/rollback: after --patience alarming checkpoints in a row, write traitmon-stop.json "
+                        "(rollback: and copy the last safe checkpoint to checkpoint-safe) and exit with status 3")
+    p.add_argument("--patience", type=int, default=1, help="consecutive alarming checkpoints before acting")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_watch)
 
@@ -580,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        args.func(args)
+        status = args.func(args)  # None, or a command's own documented status (watch: 3 = stop requested)
     except TraitmonError as exc:
         print(f"traitmon {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return int(status or 0)
 
 
 if __name__ == "__main__":
