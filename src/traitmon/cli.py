@@ -350,6 +350,50 @@ def cmd_watch(args) -> int:
     return ALARM_EXIT if results and "stop_request" in results[-1] else 0
 
 
+def cmd_screen(args) -> None:
+    from traitmon.io import write_jsonl
+    from traitmon.perturbations import read_rows
+
+    if not Path(args.data).is_file():
+        raise TraitmonError(f"{args.data}: no such dataset")
+    rows = read_rows(args.data)
+    if args.table:
+        table = _read_table(args.table)
+    else:
+        table = _screen_and_write(args, rows)
+    if args.filter is not None:
+        from traitmon.screen import filter_rows
+
+        if not args.out:
+            raise TraitmonError("--filter needs --out (the filtered JSONL to write)")
+        kept = filter_rows(rows, table, args.filter, args.data)
+        write_jsonl(args.out, kept)
+        print(f"kept {len(kept)} of {len(rows)} rows (removed the {len(rows) - len(kept)} highest-risk) -> {args.out}")
+
+
+def _screen_and_write(args, rows):
+    from traitmon.drift import load_directions
+    from traitmon.io import write_csv, write_json
+    from traitmon.models import load_model
+    from traitmon.screen import PROFILE_FILE, TABLE_FILE, read_weights, screen
+
+    if not (args.model_dir and args.directions and args.out_dir):
+        raise TraitmonError("traitmon screen needs --model-dir, --directions and --out-dir (or --table to filter "
+                            "with an earlier screening)")
+    _set_threads(args.threads)
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
+                "batch_size": args.batch_size, "max_length": args.max_length, "n_boot": args.n_boot}
+    model, tok = load_model(args.model_dir, args.dtype)
+    result = screen(model, tok, rows, load_directions(args.directions), Path(args.out_dir), settings,
+                    read_weights(args.weights), source=str(args.data))
+    write_csv(Path(args.out_dir) / TABLE_FILE, result.table)
+    write_json(Path(args.out_dir) / PROFILE_FILE, result.profile)
+    p = result.profile
+    print(f"{p['n_rows']} rows: mean risk {p['risk_mean']:+.3f} [{p['risk_ci_low']:+.3f}, {p['risk_ci_high']:+.3f}] "
+          f"-> {Path(args.out_dir) / TABLE_FILE}")
+    return result.table
+
+
 def cmd_judge_agreement(args) -> None:
     from traitmon.behavior import cross_judge_agreement
     from traitmon.io import read_jsonl, write_csv
@@ -564,6 +608,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=1, help="consecutive alarming checkpoints before acting")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("screen", help="screen a chat dataset on the base model before finetuning (risk per row)")
+    p.add_argument("data", help="chat JSONL (rows of 'messages' ending with the assistant answer)")
+    p.add_argument("--model-dir", help="the converted base model")
+    p.add_argument("--directions", nargs="+", help="the model's trait direction stores (directions/MODEL/*.zarr)")
+    p.add_argument("--out-dir", help="folder for rows.csv, profile.json and the cached base answers")
+    p.add_argument("--weights", help="JSON {trait: weight} for the risk score (default: see traitmon.screen)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="length of the base model's own answers")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy own answers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens kept per row")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the risk interval")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--table", help="filter with this earlier screening's rows.csv instead of screening")
+    p.add_argument("--filter", type=float, metavar="TOP_FRACTION",
+                   help="write the dataset without its floor(TOP_FRACTION * n) highest-risk rows to --out")
+    p.add_argument("--out", help="the filtered JSONL (with --filter)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("judge-agreement", help="pairwise agreement of judges on the same answers")
     p.add_argument("--judged", nargs="+", required=True, help="judged JSONL files (rows carry their judge and run)")
