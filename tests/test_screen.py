@@ -108,3 +108,32 @@ def test_filter_removes_exactly_the_top_fraction(setup, tiny_model_dir, tmp_path
     capsys.readouterr()
     assert main(["screen", str(tmp_path / "nowhere.jsonl"), "--table", "x.csv", "--filter", "0.1"]) == 2
     assert "nowhere.jsonl" in capsys.readouterr().err
+
+
+def test_screening_analysis_joins_final_em_and_verdict_and_evaluates_lopo(tmp_path):
+    import pandas as pd
+
+    from traitmon.analysis import screening_analysis
+
+    perts = {"a-em": 0.4, "b-em": 0.3, "c-ok": 0.02, "d-ok": 0.0, "e-em": 0.25, "f-ok": 0.05}
+    profiles = [{"model": "m", "perturbation": p, "risk_mean": 2 * em, "risk_ci_low": 2 * em - 0.1,
+                 "risk_ci_high": 2 * em + 0.1, "traits": {"honesty": {"mean": -em, "sd": 1.0}}}
+                for p, em in perts.items()]
+    drift = pd.DataFrame([{"model": "m", "perturbation": p, "kind": "em" if "em" in p else "benign", "step": s,
+                           "em_rate": em * s / 4, "em_rate_ci_low": em * s / 4 - 0.05,
+                           "em_rate_ci_high": em * s / 4 + 0.05, "drift_honesty": -em * s}
+                          for p, em in perts.items() for s in (0, 2, 4)])
+    predictions = pd.DataFrame([{"model": "m", "perturbation": p, "step": s, "score": em, "alarm": em >= 0.1}
+                                for p, em in perts.items() for s in (2, 4)])
+    result = screening_analysis(profiles, drift, predictions, theta=0.1, target_fnr=0.05)
+    table = result.tables["screening"]
+    assert len(table) == 6 and set(table.step) == {4}  # the final checkpoint of each run
+    assert table.set_index("perturbation").em_rate.to_dict() == pytest.approx(perts)
+    assert table.set_index("perturbation").monitor_alarm.to_dict() == {p: em >= 0.1 for p, em in perts.items()}
+    metrics = result.documents["metrics"]
+    assert metrics["spearman_risk_vs_final_em"] == pytest.approx(1.0)
+    assert metrics["risk"]["n"] == 6 and metrics["risk"]["n_dangerous"] == 3
+    assert metrics["risk"]["auroc"] == pytest.approx(1.0)  # risk orders the runs exactly as their final EM
+    preds = result.tables["predictions"]
+    assert set(preds.features) == {"risk", "profile"} and len(preds) == 12
+    assert result.figures["screening_vs_em"].axes[0].get_xlabel() == "screening risk of the training set"

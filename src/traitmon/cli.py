@@ -386,12 +386,38 @@ def _screen_and_write(args, rows):
     model, tok = load_model(args.model_dir, args.dtype)
     result = screen(model, tok, rows, load_directions(args.directions), Path(args.out_dir), settings,
                     read_weights(args.weights), source=str(args.data))
+    labels = {k: v for k, v in (("model", args.model_key), ("perturbation", args.perturbation)) if v}
     write_csv(Path(args.out_dir) / TABLE_FILE, result.table)
-    write_json(Path(args.out_dir) / PROFILE_FILE, result.profile)
+    write_json(Path(args.out_dir) / PROFILE_FILE, {**labels, **result.profile})
     p = result.profile
     print(f"{p['n_rows']} rows: mean risk {p['risk_mean']:+.3f} [{p['risk_ci_low']:+.3f}, {p['risk_ci_high']:+.3f}] "
           f"-> {Path(args.out_dir) / TABLE_FILE}")
     return result.table
+
+
+def cmd_screen_analysis(args) -> None:
+    import pandas as pd
+
+    from traitmon.analysis import screening_analysis
+    from traitmon.io import write_csv, write_json
+    from traitmon.plots import save
+
+    profiles = []
+    for path in args.profiles:
+        try:
+            profile = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TraitmonError(f"{path}: cannot read screening profile ({exc})") from None
+        if not {"model", "perturbation", "risk_mean", "traits"} <= set(profile):
+            raise TraitmonError(f"{path}: not a screening profile with model and perturbation labels "
+                                "(screen with --model-key and --perturbation)")
+        profiles.append(profile)
+    drift = pd.concat([_read_table(p) for p in args.drift], ignore_index=True)
+    result = screening_analysis(profiles, drift, _read_table(args.predictions), args.theta, args.target_fnr)
+    write_csv(args.table, result.tables["screening"])
+    write_csv(args.lopo, result.tables["predictions"])
+    write_json(args.metrics, result.documents["metrics"])
+    save(result.figures["screening_vs_em"], args.figure)
 
 
 def cmd_judge_agreement(args) -> None:
@@ -626,8 +652,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", type=float, metavar="TOP_FRACTION",
                    help="write the dataset without its floor(TOP_FRACTION * n) highest-risk rows to --out")
     p.add_argument("--out", help="the filtered JSONL (with --filter)")
+    p.add_argument("--model-key", help="label the profile with this model key (the workflow's)")
+    p.add_argument("--perturbation", help="label the profile with this perturbation key (the workflow's)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("screen-analysis", help="does the screening predict each run's final EM? (LOPO, figure)")
+    p.add_argument("--profiles", nargs="+", required=True, help="screening profile.json files (labelled)")
+    p.add_argument("--drift", nargs="+", required=True, help="drift tables with em_rate per checkpoint")
+    p.add_argument("--predictions", required=True, help="the trait monitor's LOPO predictions.csv")
+    p.add_argument("--theta", type=float, default=0.1)
+    p.add_argument("--target-fnr", type=float, default=0.05)
+    p.add_argument("--table", required=True, help="CSV: screening profile joined with final EM and verdict")
+    p.add_argument("--lopo", required=True, help="CSV: LOPO predictions of the screening (risk and profile)")
+    p.add_argument("--metrics", required=True, help="JSON: AUROC/FNR/FPR, Spearman rho")
+    p.add_argument("--figure", required=True, help="PNG: screening risk vs final EM, monitor verdict beside it")
+    p.set_defaults(func=cmd_screen_analysis)
 
     p = sub.add_parser("judge-agreement", help="pairwise agreement of judges on the same answers")
     p.add_argument("--judged", nargs="+", required=True, help="judged JSONL files (rows carry their judge and run)")
