@@ -13,6 +13,10 @@ rule screen_perturbation:
         profile=f"{RES}/screen/{{model}}/{{perturbation}}/profile.json",
     params:
         out_dir=lambda wildcards, output: str(Path(output.profile).parent),
+        # the base model's own answers are generated as the extraction's answers are
+        max_new_tokens=config["directions"]["max_new_tokens"],
+        temperature=config["directions"]["temperature"],
+        seed=config["directions"]["seed"],
         batch_size=config["capture"]["batch_size"],
         max_length=config["finetune"]["max_length"],
         dtype=model_dtype,
@@ -28,6 +32,7 @@ rule screen_perturbation:
     shell:
         "traitmon screen {input.data:q} --model-dir {input.model:q} --directions {input.directions:q}"
         " --out-dir {params.out_dir:q} --batch-size {params.batch_size} --max-length {params.max_length}"
+        " --max-new-tokens {params.max_new_tokens} --temperature {params.temperature} --seed {params.seed}"
         " --dtype {params.dtype:q} --model-key {wildcards.model:q} --perturbation {wildcards.perturbation:q}"
         " --threads {threads} > {log:q} 2>&1"
 
