@@ -134,6 +134,8 @@ def test_screening_analysis_joins_final_em_and_verdict_and_evaluates_lopo(tmp_pa
     assert metrics["spearman_risk_vs_final_em"] == pytest.approx(1.0)
     assert metrics["risk"]["n"] == 6 and metrics["risk"]["n_dangerous"] == 3
     assert metrics["risk"]["auroc"] == pytest.approx(1.0)  # risk orders the runs exactly as their final EM
+    one_class = screening_analysis(profiles, drift, predictions, theta=0.9, target_fnr=0.05).documents["metrics"]
+    assert one_class["risk"]["auroc"] is None  # no dangerous run: no AUROC, written as null, not NaN
     preds = result.tables["predictions"]
     assert set(preds.features) == {"risk", "profile"} and len(preds) == 12
     assert result.figures["screening_vs_em"].axes[0].get_xlabel() == "screening risk of the training set"

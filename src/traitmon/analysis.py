@@ -182,7 +182,7 @@ def screening_analysis(profiles: list[dict], drift: pd.DataFrame, predictions: p
             metrics[name] = {"note": "leave-one-perturbation-out needs at least 2 perturbations"}
             continue
         m, p = evaluate_lopo(table, features, theta, target_fnr)
-        metrics[name] = {k: m[k] for k in ("auroc", "fnr", "fpr", "n", "n_dangerous", "n_uncertain") if k in m}
+        metrics[name] = {k: _finite(m[k]) for k in ("auroc", "fnr", "fpr", "n", "n_dangerous", "n_uncertain") if k in m}
         preds.append(p.assign(features=name))
     rho = spearmanr(table.screen_risk, table.em_rate) if len(table) > 2 else None
     metrics["spearman_risk_vs_final_em"] = (float(rho.statistic) if rho is not None and np.isfinite(rho.statistic)
@@ -191,3 +191,8 @@ def screening_analysis(profiles: list[dict], drift: pd.DataFrame, predictions: p
     out.tables["predictions"] = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
     out.figures["screening_vs_em"] = plots.screening_vs_em(table, theta)
     return out
+
+
+def _finite(value):
+    """NaN (e.g. AUROC with one class) as null: the metrics file stays strict JSON."""
+    return None if isinstance(value, float) and not np.isfinite(value) else value
