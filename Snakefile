@@ -22,6 +22,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/capture.smk"
 include: "workflow/rules/behavior.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/screen.smk"
 
 
 rule all:

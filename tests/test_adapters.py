@@ -74,7 +74,7 @@ def _train_with_callback(model_dir, bundle_dir, run_dir, steps):
     from transformers import Trainer, TrainingArguments
 
     from traitmon import MonitorBundle, TraitMonitorCallback
-    from traitmon.finetune import collate, encode_for_training
+    from traitmon.chat import AssistantOnlyCollator, encode_training_example
     from traitmon.perturbations import load_domain, written_rows
 
     bundle = MonitorBundle.load(bundle_dir)
@@ -84,13 +84,12 @@ def _train_with_callback(model_dir, bundle_dir, run_dir, steps):
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM", target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     rows = written_rows(load_domain("medical"), "em", 2 * steps, seed=0)
-    data = [dict(zip(("input_ids", "labels"), encode_for_training(tok, r["messages"], 64))) for r in rows]
+    data = [encode_training_example(tok, r["messages"], 64) for r in rows]
     args = TrainingArguments(output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=2,
                              learning_rate=2e-4, lr_scheduler_type="constant", save_steps=steps,
                              save_strategy="steps", save_only_model=True, logging_steps=1, report_to=[],
                              use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=lambda b: collate(
-        [(x["input_ids"], x["labels"]) for x in b], tok.pad_token_id))
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=AssistantOnlyCollator(tok.pad_token_id))
     callback = TraitMonitorCallback(bundle, tok, every=0, on_save=True).attach(trainer)
     trainer.train()
     (entry,) = callback.history

@@ -286,3 +286,201 @@ def test_callback_warns_when_the_model_dtype_is_not_the_bundles(bundle_setup, ti
     with pytest.warns(UserWarning, match="bundle's base reference was measured in torch.bfloat16"):
         callback.on_step_end(None, state, control, model=model)
     assert len(callback.history) == 1
+
+
+class _ScriptedMonitor:
+    """A monitor whose successive scores are given: the test decides which checks alarm."""
+
+    def __init__(self, scores, threshold=0.5):
+        self.scores, self.threshold, self.features = list(scores), threshold, [f"drift_{t}" for t in TRAITS]
+
+    def score(self, frame, source="table"):
+        return np.array([self.scores.pop(0)])
+
+
+class _Snapshots:
+    """Records the adapter weights after every step, independently of the callback under test."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        snapshots = self.by_step = {}
+
+        class Recorder(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                from peft import get_peft_model_state_dict
+
+                snapshots[state.global_step] = {k: v.detach().clone() for k, v in
+                                                get_peft_model_state_dict(model).items()}
+
+        self.callback = Recorder()
+
+
+def _tiny_trainer(tiny_model_dir, output_dir, max_steps):
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from traitmon.chat import AssistantOnlyCollator, encode_training_example
+    from traitmon.config import validate_config as vc
+    from traitmon.finetune import lora_config
+    from traitmon.perturbations import load_domain, written_rows
+    from traitmon.settings import study_settings
+
+    model, tok = load_model(tiny_model_dir)
+    model.train()
+    settings = study_settings(vc({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"],
+                                  "finetune": {"rank": 4, "alpha": 8, "max_length": 128}})).finetune
+    model = get_peft_model(model, lora_config(settings))
+    rows = written_rows(load_domain("medical"), "em", 2 * max_steps, seed=0)
+    data = [encode_training_example(tok, r["messages"], 128) for r in rows]
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2,
+                             learning_rate=5e-2, save_strategy="no", logging_steps=1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=AssistantOnlyCollator(tok.pad_token_id))
+    return trainer, tok
+
+
+def test_on_alarm_stop_ends_training_after_patience_consecutive_alarms(bundle_setup, tiny_model_dir, tmp_path):
+    import dataclasses
+
+    # steps 1..: alarm, safe (streak reset), alarm, alarm -> stop at step 4 of 8
+    bundle = dataclasses.replace(bundle_setup[0], monitor=_ScriptedMonitor([0.9, 0.1, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1]))
+    trainer, tok = _tiny_trainer(tiny_model_dir, tmp_path / "run", max_steps=8)
+    callback = TraitMonitorCallback(bundle, tok, every=1, on_save=False, on_alarm="stop", patience=2).attach(trainer)
+    with pytest.warns(UserWarning, match="EM alarm at step 4"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    assert [h["step"] for h in callback.history] == [1, 2, 3, 4]
+    assert not (tmp_path / "run" / "checkpoint-safe").exists()
+
+    # warn never stops; the deprecated flag still means stop
+    bundle = dataclasses.replace(bundle_setup[0], monitor=_ScriptedMonitor([0.9] * 3))
+    trainer, tok = _tiny_trainer(tiny_model_dir, tmp_path / "warn", max_steps=3)
+    TraitMonitorCallback(bundle, tok, every=1, on_save=False).attach(trainer)
+    with pytest.warns(UserWarning, match="EM alarm"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    bundle = dataclasses.replace(bundle_setup[0], monitor=_ScriptedMonitor([0.9] * 3))
+    trainer, tok = _tiny_trainer(tiny_model_dir, tmp_path / "old", max_steps=3)
+    with pytest.warns(DeprecationWarning, match="on_alarm='stop'"):
+        old = TraitMonitorCallback(bundle, tok, every=1, on_save=False, stop_on_alarm=True)
+    old.attach(trainer)
+    with pytest.warns(UserWarning, match="EM alarm"):
+        trainer.train()
+    assert old.on_alarm == "stop" and trainer.state.global_step == 1
+    with pytest.raises(TraitmonError, match="on_alarm must be one of"):
+        TraitMonitorCallback(bundle, tok, on_alarm="panic")
+    with pytest.raises(TraitmonError, match="fitted monitor"):
+        TraitMonitorCallback(bundle_setup[0], tok, on_alarm="stop")
+
+
+def test_on_alarm_rollback_restores_the_last_safe_adapter_bit_for_bit(bundle_setup, tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    bundle = dataclasses.replace(bundle_setup[0], monitor=_ScriptedMonitor([0.1, 0.2, 0.9, 0.9, 0.1, 0.1]))
+    trainer, tok = _tiny_trainer(tiny_model_dir, tmp_path / "run", max_steps=6)
+    snapshots = _Snapshots()
+    trainer.add_callback(snapshots.callback)
+    callback = TraitMonitorCallback(bundle, tok, every=1, on_save=False, on_alarm="rollback",
+                                    patience=2).attach(trainer)
+    with pytest.warns(UserWarning, match="EM alarm"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    safe, last = snapshots.by_step[2], snapshots.by_step[4]
+    assert any(not torch.equal(safe[k], last[k]) for k in safe)  # training moved past the safe step
+    restored = get_peft_model_state_dict(trainer.model)
+    assert restored.keys() == safe.keys()
+    for key in safe:
+        assert torch.equal(restored[key].cpu(), safe[key].cpu()), key
+    folder = tmp_path / "run" / "checkpoint-safe"
+    assert callback.rollback_path == folder
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert saved.keys() == safe.keys()
+    for key in safe:
+        assert torch.equal(saved[key], safe[key].cpu()), key
+    record = json.loads((folder / "rollback.json").read_text())
+    assert record["safe_step"] == 2 and record["alarm_steps"] == [3, 4] and record["threshold"] == 0.5
+    assert record["safe_scores"]["monitor_score"] == pytest.approx(0.2)
+    assert [s["monitor_score"] for s in record["alarm_scores"]] == pytest.approx([0.9, 0.9])
+    load_model(tiny_model_dir, adapter=str(folder))  # a loadable peft adapter
+
+
+def test_rollback_before_any_safe_check_restores_the_initial_adapter(bundle_setup, tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from peft import get_peft_model_state_dict
+
+    bundle = dataclasses.replace(bundle_setup[0], monitor=_ScriptedMonitor([0.9, 0.9]))
+    trainer, tok = _tiny_trainer(tiny_model_dir, tmp_path / "run", max_steps=4)
+    initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+    callback = TraitMonitorCallback(bundle, tok, every=1, on_save=False, on_alarm="rollback").attach(trainer)
+    with pytest.warns(UserWarning, match="EM alarm at step 1"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+    for key, value in get_peft_model_state_dict(trainer.model).items():
+        assert torch.equal(value.cpu(), initial[key]), key
+    assert json.loads((callback.rollback_path / "rollback.json").read_text())["safe_step"] == 0
+
+
+def _checkpoints_with_known_alarms(bundle, tiny_model_dir, run):
+    """checkpoint-1 (a zero adapter: no drift), checkpoint-2 and -3 (random adapters), and a monitor whose
+    threshold lies between the zero drift and theirs: checkpoint-1 is safe, 2 and 3 alarm."""
+    import dataclasses
+
+    from peft import get_peft_model
+
+    from traitmon.config import validate_config as vc
+    from traitmon.finetune import lora_config
+    from traitmon.monitor import FittedMonitor
+    from traitmon.settings import study_settings
+
+    settings = study_settings(vc({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"]})).finetune
+    drifts = []
+    for step, scale in ((1, 0.0), (2, 0.05), (3, 0.06)):
+        model, tok = load_model(tiny_model_dir)
+        peft_model = get_peft_model(model, lora_config(settings))
+        torch.manual_seed(step)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, scale) if scale else p.zero_()
+        peft_model.save_pretrained(run / f"checkpoint-{step}")
+        drifts.append(np.array(list(bundle.score(peft_model, tok).values())))
+    coef = drifts[1] / np.linalg.norm(drifts[1]) + drifts[2] / np.linalg.norm(drifts[2])
+    coef = coef / min(coef @ drifts[1], coef @ drifts[2])  # scores >= 1 on both (the 0-1 scale clips them)
+    threshold = 0.5
+    assert abs(coef @ drifts[0]) < threshold
+    monitor = FittedMonitor([f"drift_{t}" for t in bundle.traits], "hand", np.zeros(len(coef)), np.ones(len(coef)),
+                            coef, 0.0, "identity", float(threshold), 0.1, 0.05)
+    return dataclasses.replace(bundle, monitor=monitor)
+
+
+def test_watch_on_alarm_writes_a_stop_request_naming_the_safe_checkpoint(bundle_setup, tiny_model_dir, tmp_path,
+                                                                         capsys):
+    from traitmon.cli import main
+    from traitmon.watcher import ALARM_EXIT
+
+    run = tmp_path / "run"
+    bundle = _checkpoints_with_known_alarms(bundle_setup[0], tiny_model_dir, run)
+    bundle.save(tmp_path / "b")
+    common = ["watch", str(run), "--model-dir", str(tiny_model_dir), "--bundle", str(tmp_path / "b"), "--once"]
+    assert main(common) == 0  # warn: scores all three, no request
+    assert not (run / "traitmon-stop.json").exists()
+    assert main([*common, "--on-alarm", "stop", "--patience", "3"]) == 0  # only two alarms in a row
+    assert main([*common, "--on-alarm", "stop", "--patience", "2"]) == ALARM_EXIT == 3
+    request = json.loads((run / "traitmon-stop.json").read_text())
+    assert request["safe_checkpoint"] == str((run / "checkpoint-1").resolve())
+    assert request["alarm_checkpoints"] == ["checkpoint-2", "checkpoint-3"]
+    assert str(run / "checkpoint-1") in capsys.readouterr().out
+    (run / "traitmon-stop.json").unlink()
+    assert main([*common, "--on-alarm", "rollback", "--patience", "1"]) == ALARM_EXIT
+    request = json.loads((run / "traitmon-stop.json").read_text())
+    assert request["alarm_checkpoints"] == ["checkpoint-2"] and request["safe_source"] == "checkpoint-1"
+    assert request["safe_checkpoint"] == str((run / "checkpoint-safe").resolve())
+    assert (run / "checkpoint-safe" / "adapter_model.safetensors").read_bytes() == \
+        (run / "checkpoint-1" / "adapter_model.safetensors").read_bytes()
+    # checkpoint-safe is not scored as a checkpoint of the run
+    assert [r["checkpoint"] for r in watch(run, tiny_model_dir, bundle, once=True)] == [
+        "checkpoint-1", "checkpoint-2", "checkpoint-3"]

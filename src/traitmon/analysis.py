@@ -239,3 +239,52 @@ def figures(table, traits, axis, corr, preds, baselines, comparison, theta) -> d
             "roc_curves": plots.roc_curves(pd.concat(curves)),
             "em_and_alarms": plots.em_and_alarms(preds, table, theta),
             "comparison": plots.comparison_forest(comparison, LABELS)}
+
+
+def screening_table(profiles: list[dict], drift: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, perturbation): the screening profile of its training set (``screen_risk`` with its
+    interval, ``screen_<trait>`` means), the run's final checkpoint (step, EM rate and interval, kind) and the
+    trait monitor's LOPO verdict there (``monitor_score``, ``monitor_alarm``)."""
+    screen = pd.DataFrame([{"model": p["model"], "perturbation": p["perturbation"], "screen_risk": p["risk_mean"],
+                            "screen_risk_ci_low": p["risk_ci_low"], "screen_risk_ci_high": p["risk_ci_high"],
+                            **{f"screen_{t}": v["mean"] for t, v in p["traits"].items()}} for p in profiles])
+    runs = checkpoint_rows(drift).sort_values("step").groupby(["model", "perturbation"], as_index=False).last()
+    keep = [c for c in ("model", "perturbation", "kind", "step", "em_rate", "em_rate_ci_low", "em_rate_ci_high")
+            if c in runs]
+    table = screen.merge(runs[keep], on=["model", "perturbation"], how="inner", validate="one_to_one")
+    verdict = predictions[["model", "perturbation", "step", "score", "alarm"]].rename(
+        columns={"score": "monitor_score", "alarm": "monitor_alarm"})
+    table = table.merge(verdict, on=["model", "perturbation", "step"], how="left", validate="one_to_one")
+    return table.sort_values(["model", "perturbation"]).reset_index(drop=True)
+
+
+def screening_analysis(profiles: list[dict], drift: pd.DataFrame, predictions: pd.DataFrame, theta: float,
+                       target_fnr: float) -> Analysis:
+    """Does the screening of a training set predict the run's final EM rate and dangerous label? Evaluated
+    leave-one-perturbation-out with the monitor's calibration and threshold rules (``evaluate_lopo``), once on the
+    single risk score and once on the per-trait profile; and Spearman's rho of risk vs final EM rate."""
+    from scipy.stats import spearmanr
+
+    table = screening_table(profiles, drift, predictions)
+    out = Analysis(tables={"screening": table})
+    metrics, preds = {"theta": theta, "target_fnr": target_fnr, "n_runs": len(table)}, []
+    trait_cols = [c for c in table.columns if c.startswith("screen_") and not c.startswith("screen_risk")]
+    for name, features in (("risk", ["screen_risk"]), ("profile", trait_cols)):
+        if table.perturbation.nunique() < 2:
+            metrics[name] = {"note": "leave-one-perturbation-out needs at least 2 perturbations"}
+            continue
+        m, p = evaluate_lopo(table, features, theta, target_fnr)
+        metrics[name] = {k: _finite(m[k]) for k in ("auroc", "fnr", "fpr", "n", "n_dangerous", "n_uncertain") if k in m}
+        preds.append(p.assign(features=name))
+    rho = spearmanr(table.screen_risk, table.em_rate) if len(table) > 2 else None
+    metrics["spearman_risk_vs_final_em"] = (float(rho.statistic) if rho is not None and np.isfinite(rho.statistic)
+                                            else None)
+    out.documents["metrics"] = metrics
+    out.tables["predictions"] = pd.concat(preds, ignore_index=True) if preds else pd.DataFrame()
+    out.figures["screening_vs_em"] = plots.screening_vs_em(table, theta)
+    return out
+
+
+def _finite(value):
+    """NaN (e.g. AUROC with one class) as null: the metrics file stays strict JSON."""
+    return None if isinstance(value, float) and not np.isfinite(value) else value

@@ -618,14 +618,18 @@ def _watch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
     p.add_argument("--timeout", type=float, help="stop polling after this many seconds")
     p.add_argument("--max-checkpoints", type=int, help="stop once this many checkpoints are scored")
+    p.add_argument("--on-alarm", default="warn", choices=["warn", "stop", "rollback"],
+                   help="stop/rollback: after --patience alarming checkpoints in a row, write traitmon-stop.json "
+                        "(rollback: and copy the last safe checkpoint to checkpoint-safe) and exit with status 3")
+    p.add_argument("--patience", type=int, default=1, help="consecutive alarming checkpoints before acting")
 
 
 @command("watch", "score peft checkpoints as they appear in a run folder",
          _watch_args, "threads", "model_dir")
-def cmd_watch(args) -> None:
+def cmd_watch(args) -> int:
     from traitmon.bundle import MonitorBundle
     from traitmon.models import load_model
-    from traitmon.watcher import watch
+    from traitmon.watcher import ALARM_EXIT, watch
 
     _set_threads(args.threads)
     if not Path(args.run_dir).is_dir():  # before loading anything: a watcher of nothing must not look quiet
@@ -634,8 +638,116 @@ def cmd_watch(args) -> None:
     base, _ = load_model(args.model_dir, args.dtype or bundle.model_dtype)
     bundle.check_model(base, args.bundle)
     del base
-    watch(args.run_dir, args.model_dir, bundle, once=args.once, interval=args.interval, timeout=args.timeout,
-          dtype=args.dtype, max_checkpoints=args.max_checkpoints, printer=lambda line: print(line, flush=True))
+    results = watch(args.run_dir, args.model_dir, bundle, once=args.once, interval=args.interval,
+                    timeout=args.timeout, dtype=args.dtype, max_checkpoints=args.max_checkpoints,
+                    printer=lambda line: print(line, flush=True), on_alarm=args.on_alarm, patience=args.patience)
+    return ALARM_EXIT if results and "stop_request" in results[-1] else 0
+
+
+def _screen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="chat JSONL (rows of 'messages' ending with the assistant answer)")
+    p.add_argument("--directions", nargs="+", help="the model's trait direction stores (directions/MODEL/*.zarr)")
+    p.add_argument("--out-dir", help="folder for rows.csv, profile.json and the cached base answers")
+    p.add_argument("--weights", help="JSON {trait: weight} for the risk score (default: see traitmon.screen)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="length of the base model's own answers")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy own answers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens kept per row")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the risk interval")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--table", help="filter with this earlier screening's rows.csv instead of screening")
+    p.add_argument("--filter", type=float, metavar="TOP_FRACTION",
+                   help="write the dataset without its floor(TOP_FRACTION * n) highest-risk rows to --out")
+    p.add_argument("--out", help="the filtered JSONL (with --filter)")
+    p.add_argument("--perturbation", help="label the profile with this perturbation key (the workflow's)")
+
+
+@command("screen", "screen a chat dataset on the base model before finetuning (risk per row)", _screen_args,
+         "threads", model_dir={"required": False}, model_key={"required": False,
+                                                              "help": "label the profile with this model key"})
+def cmd_screen(args) -> None:
+    from traitmon.io import write_jsonl
+    from traitmon.perturbations import read_rows
+
+    if not Path(args.data).is_file():
+        raise TraitmonError(f"{args.data}: no such dataset")
+    rows = read_rows(args.data)
+    if args.table:
+        table = _read_table(args.table)
+    else:
+        table = _screen_and_write(args, rows)
+    if args.filter is not None:
+        from traitmon.screen import filter_rows
+
+        if not args.out:
+            raise TraitmonError("--filter needs --out (the filtered JSONL to write)")
+        kept = filter_rows(rows, table, args.filter, args.data)
+        write_jsonl(args.out, kept)
+        print(f"kept {len(kept)} of {len(rows)} rows (removed the {len(rows) - len(kept)} highest-risk) -> {args.out}")
+
+
+def _screen_and_write(args, rows):
+    from traitmon.drift import load_directions
+    from traitmon.io import write_csv, write_json
+    from traitmon.models import load_model
+    from traitmon.screen import PROFILE_FILE, TABLE_FILE, read_weights, screen
+
+    if not (args.model_dir and args.directions and args.out_dir):
+        raise TraitmonError("traitmon screen needs --model-dir, --directions and --out-dir (or --table to filter "
+                            "with an earlier screening)")
+    _set_threads(args.threads)
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
+                "batch_size": args.batch_size, "max_length": args.max_length, "n_boot": args.n_boot}
+    model, tok = load_model(args.model_dir, args.dtype)
+    result = screen(model, tok, rows, load_directions(args.directions, "response_mean"), Path(args.out_dir), settings,
+                    read_weights(args.weights), source=str(args.data))
+    labels = {k: v for k, v in (("model", args.model_key), ("perturbation", args.perturbation)) if v}
+    write_csv(Path(args.out_dir) / TABLE_FILE, result.table)
+    write_json(Path(args.out_dir) / PROFILE_FILE, {**labels, **result.profile})
+    p = result.profile
+    print(f"{p['n_rows']} rows: mean risk {p['risk_mean']:+.3f} [{p['risk_ci_low']:+.3f}, {p['risk_ci_high']:+.3f}] "
+          f"-> {Path(args.out_dir) / TABLE_FILE}")
+    return result.table
+
+
+def _screen_analysis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profiles", nargs="+", required=True, help="screening profile.json files (labelled)")
+    p.add_argument("--drift", nargs="+", required=True, help="drift tables with em_rate per checkpoint")
+    p.add_argument("--predictions", required=True, help="the trait monitor's LOPO predictions.csv")
+    p.add_argument("--theta", type=float, default=schema_default("analysis", "theta"))
+    p.add_argument("--target-fnr", type=float, default=schema_default("analysis", "target_fnr"))
+    p.add_argument("--table", required=True, help="CSV: screening profile joined with final EM and verdict")
+    p.add_argument("--lopo", required=True, help="CSV: LOPO predictions of the screening (risk and profile)")
+    p.add_argument("--metrics", required=True, help="JSON: AUROC/FNR/FPR, Spearman rho")
+    p.add_argument("--figure", required=True, help="PNG: screening risk vs final EM, monitor verdict beside it")
+
+
+@command("screen-analysis", "does the screening predict each run's final EM? (LOPO, figure)",
+         _screen_analysis_args)
+def cmd_screen_analysis(args) -> None:
+    import pandas as pd
+
+    from traitmon.analysis import screening_analysis
+    from traitmon.io import write_csv, write_json
+    from traitmon.plots import save
+
+    profiles = []
+    for path in args.profiles:
+        try:
+            profile = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TraitmonError(f"{path}: cannot read screening profile ({exc})") from None
+        if not {"model", "perturbation", "risk_mean", "traits"} <= set(profile):
+            raise TraitmonError(f"{path}: not a screening profile with model and perturbation labels "
+                                "(screen with --model-key and --perturbation)")
+        profiles.append(profile)
+    drift = pd.concat([_read_table(p) for p in args.drift], ignore_index=True)
+    result = screening_analysis(profiles, drift, _read_table(args.predictions), args.theta, args.target_fnr)
+    write_csv(args.table, result.tables["screening"])
+    write_csv(args.lopo, result.tables["predictions"])
+    write_json(args.metrics, result.documents["metrics"])
+    save(result.figures["screening_vs_em"], args.figure)
 
 
 def _judge_agreement_args(p: argparse.ArgumentParser) -> None:
@@ -715,11 +827,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        args.func(args)
+        status = args.func(args)  # None, or a command's own documented status (watch: 3 = stop requested)
     except TraitmonError as exc:
         print(f"traitmon {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return int(status or 0)
 
 
 if __name__ == "__main__":

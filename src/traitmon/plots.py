@@ -246,3 +246,22 @@ def raw_drift_norm(table: pd.DataFrame) -> Figure:
                ylabel="raw activation drift norm (base RMS units)")
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return fig
+
+
+def screening_vs_em(table: pd.DataFrame, theta: float) -> Figure:
+    """Per run: the dataset's screening risk (before training, with its bootstrap interval) against the final
+    judged EM rate (with its interval), marked by the trait monitor's verdict at the final checkpoint."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    x, y = table.screen_risk.to_numpy(float), table.em_rate.to_numpy(float)
+    xerr = np.abs(np.vstack([x - table.screen_risk_ci_low, table.screen_risk_ci_high - x]))
+    yerr = (np.abs(np.vstack([y - table.em_rate_ci_low, table.em_rate_ci_high - y]))
+            if {"em_rate_ci_low", "em_rate_ci_high"} <= set(table) else None)
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", elinewidth=1, zorder=1)
+    verdict = table.monitor_alarm.map({True: "monitor alarm", False: "no alarm"}).fillna("no monitor verdict")
+    sns.scatterplot(x=x, y=y, hue=table.perturbation.to_numpy(), style=verdict.to_numpy(), s=80, ax=ax, zorder=2)
+    ax.axhline(theta, color="0.3", linestyle="--", linewidth=1, label=f"theta = {theta}")
+    ax.set(title="Screening risk before training vs final EM rate", xlabel="screening risk of the training set",
+           ylabel="final EM rate (judged)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return fig

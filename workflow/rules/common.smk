@@ -71,7 +71,14 @@ def behavior_targets():
 
 
 def analysis_targets():
-    return [f"{RES}/analysis/monitor/metrics.json"] + expand(f"{RES}/analysis/{{model}}/monitor_bundle", model=MODELS)
+    return ([f"{RES}/analysis/monitor/metrics.json"] + expand(f"{RES}/analysis/{{model}}/monitor_bundle", model=MODELS)
+            + screening_targets())
+
+
+def screening_targets():
+    # screen.smk: each training set screened on the base model, and the screening vs final EM analysis
+    return expand(f"{RES}/screen/{{model}}/{{perturbation}}/profile.json", model=MODELS,
+                  perturbation=PERTURBATIONS) + [f"{RES}/analysis/screening/metrics.json"]
 
 
 def all_targets():
