@@ -40,7 +40,8 @@ def answer_rows(traits: dict, settings: BehaviorSettings) -> list[dict]:
     return [{**p, "sample": s} for p in prompts for s in range(settings.samples_per_question)]
 
 
-def _chats(rows: list[dict]) -> list[list[dict]]:
+def answer_chats(rows: list[dict]) -> list[list[dict]]:
+    """The single-turn chats of ``answer_rows`` (what the model is asked)."""
     return [[{"role": "user", "content": r["question"]}] for r in rows]
 
 
@@ -51,7 +52,7 @@ def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     step: the base model is perturbation ``base``, step 0) is copied into every row."""
     run = {k: run[k] for k in RUN_FIELDS}
     rows = answer_rows(traits, settings)
-    answers = generate_responses(model, tokenizer, _chats(rows), settings.max_new_tokens, settings.temperature,
+    answers = generate_responses(model, tokenizer, answer_chats(rows), settings.max_new_tokens, settings.temperature,
                                  settings.batch_size, settings.seed, desc=f"answers {label}".strip())
     return [{**run, **r, "answer": a} for r, a in zip(rows, answers)]
 
@@ -71,7 +72,7 @@ def sample_answers_server(traits: dict, settings: BehaviorSettings, run: dict,
     if name:
         client.load_adapter(name, str(adapter))
     try:
-        answers = client.responses(_chats(rows), settings.max_new_tokens, settings.temperature, settings.seed,
+        answers = client.responses(answer_chats(rows), settings.max_new_tokens, settings.temperature, settings.seed,
                                    model=name)
     finally:
         if name:
