@@ -161,4 +161,5 @@ def test_study_cpu_dry_run_plans_every_checkpoint(tmp_path):
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts["finetune"] == counts["make_perturbation"] == 15
     assert counts["capture_checkpoint"] == counts["sample_answers"] == 15 * 6
-    assert counts["total"] == 234 and counts["train_sae"] == 1  # one SAE per model (the SAE baseline)
+    assert counts["screen_perturbation"] == 15 and counts["screen_analysis"] == 1  # every dataset screened
+    assert counts["total"] == 250 and counts["train_sae"] == 1  # one SAE per model (the SAE baseline)

@@ -83,7 +83,10 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 
 def nan_pairs(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     """``[sample]`` mask of pairs with a NaN anywhere (a response with no token has no response mean)."""
-    return np.isnan(positive).reshape(len(positive), -1).any(1) | np.isnan(negative).reshape(len(negative), -1).any(1)
+    def any_nan(values: np.ndarray) -> np.ndarray:  # over every axis but the first; fine with 0 samples
+        return np.isnan(values).any(axis=tuple(range(1, values.ndim)))
+
+    return any_nan(positive) | any_nan(negative)
 
 
 def separation(direction: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
