@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from traitmon.errors import TraitmonError
 from traitmon.generate import generate_responses
+from traitmon.judge_server import JsonHandler
 
 
 class GenerationServer(ThreadingHTTPServer):
@@ -88,19 +89,8 @@ class GenerationServer(ThreadingHTTPServer):
                                       seed=int(payload.get("seed", 0)), desc="serve")[0]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: GenerationServer
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def _reply(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         if self.path.rstrip("/").endswith("/models"):

@@ -58,8 +58,8 @@ class JudgeServer(ThreadingHTTPServer):
                              "finish_reason": "length"}]}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: JudgeServer
+class JsonHandler(BaseHTTPRequestHandler):
+    """Quiet request handler that answers JSON (shared by traitmon's judge and generation servers)."""
 
     def log_message(self, *args) -> None:  # quiet
         pass
@@ -71,6 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class _Handler(JsonHandler):
+    server: JudgeServer
 
     def do_POST(self) -> None:
         self.server.requests += 1
