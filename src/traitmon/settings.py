@@ -229,12 +229,9 @@ def settings_json(settings: Any, **extra: Any) -> str:
 
 def parse_settings(text: str, cls: type[S], *extra: str, flag: str = "--settings") -> tuple[S, dict]:
     """Parse a ``--settings`` blob into ``cls``; return it with the ``extra`` keys it must also carry."""
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TraitmonError(f"{flag} is not valid JSON: {exc}") from None
-    if not isinstance(values, dict):
-        raise TraitmonError(f"{flag}: expected a JSON object")
+    from traitmon.io import parse_jsonl_line  # the one "a JSON object, or a one-line error" parser
+
+    values = parse_jsonl_line(text, flag)
     missing = [k for k in extra if k not in values]
     if missing:
         raise TraitmonError(f"{flag}: missing key '{missing[0]}'")
