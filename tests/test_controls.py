@@ -131,7 +131,9 @@ def test_study_cpu_config_has_the_promised_design():
 
     config = load_config(STUDY)
     assert list(config["models"]) == ["smollm2-135m-instruct"]
-    gens = {k: v["generator"] for k, v in config["perturbations"].items()}
+    gens = {k: v["generator"] for k, v in config["perturbations"].items() if "generator" in v}
+    filtered = {k: v["filter"] for k, v in config["perturbations"].items() if "filter" in v}
+    assert filtered and all(gens[f["of"]]["stance"] == "em" for f in filtered.values())  # a screened EM set
     em = {k for k, g in gens.items() if g["stance"] == "em"}
     dose = {k for k, g in gens.items() if g["em_fraction"] > 0}
     careful = {k for k, g in gens.items() if g["stance"] == "benign" and not g["em_fraction"] and "style" not in g}
@@ -159,7 +161,7 @@ def test_study_cpu_dry_run_plans_every_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     counts = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts["finetune"] == counts["make_perturbation"] == 15
-    assert counts["capture_checkpoint"] == counts["sample_answers"] == 15 * 6
-    assert counts["screen_perturbation"] == 15 and counts["screen_analysis"] == 1  # every dataset screened
-    assert counts["total"] == 250 and counts["train_sae"] == 1  # one SAE per model (the SAE baseline)
+    assert counts["finetune"] == 16 and counts["make_perturbation"] == 15 and counts["filter_perturbation"] == 1
+    assert counts["capture_checkpoint"] == counts["sample_answers"] == 16 * 6
+    assert counts["screen_perturbation"] == 16 and counts["screen_analysis"] == 1  # every dataset screened
+    assert counts["total"] == 265 and counts["train_sae"] == 1  # one SAE per model (the SAE baseline)

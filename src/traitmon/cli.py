@@ -660,6 +660,7 @@ def _screen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", type=float, metavar="TOP_FRACTION",
                    help="write the dataset without its floor(TOP_FRACTION * n) highest-risk rows to --out")
     p.add_argument("--out", help="the filtered JSONL (with --filter)")
+    p.add_argument("--meta", help="with --filter: a JSON record of what was removed, and from which dataset")
     p.add_argument("--perturbation", help="label the profile with this perturbation key (the workflow's)")
 
 
@@ -684,6 +685,11 @@ def cmd_screen(args) -> None:
             raise TraitmonError("--filter needs --out (the filtered JSONL to write)")
         kept = filter_rows(rows, table, args.filter, args.data)
         write_jsonl(args.out, kept)
+        if args.meta:
+            from traitmon.io import write_json
+
+            write_json(args.meta, {"filtered_from": str(args.data), "screening": str(args.table or args.out_dir),
+                                   "top_fraction": args.filter, "rows": len(kept), "removed": len(rows) - len(kept)})
         print(f"kept {len(kept)} of {len(rows)} rows (removed the {len(rows) - len(kept)} highest-risk) -> {args.out}")
 
 

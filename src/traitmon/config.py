@@ -55,6 +55,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
         raise TraitmonError(f"{source}: {_key_path(err)}: {err.message}")
     _check_trait_dirs(config["trait_dirs"], source)
     _check_checkpoint_steps(config["finetune"], source)
+    _check_filters(config["perturbations"], source)
     load_traits(config["traits"], config["trait_dirs"])
     return config
 
@@ -71,6 +72,19 @@ def _check_checkpoint_steps(finetune: dict, source: str) -> None:
     if beyond:
         raise TraitmonError(f"{source}: finetune.checkpoint_steps: step {beyond[0]} is beyond "
                             f"finetune.max_steps ({finetune['max_steps']})")
+
+
+def _check_filters(perturbations: dict, source: str) -> None:
+    # A filtered perturbation is screened from another's training set, which must itself be a plain one.
+    for key, spec in perturbations.items():
+        of = spec.get("filter", {}).get("of")
+        if of is None:
+            continue
+        if of not in perturbations:
+            raise TraitmonError(f"{source}: perturbations.{key}.filter.of: '{of}' is not a configured perturbation")
+        if "filter" in perturbations[of]:
+            raise TraitmonError(f"{source}: perturbations.{key}.filter.of: '{of}' is itself filtered; "
+                                f"filter a dataset or generator perturbation")
 
 
 def check_study(config: dict, source: str = "config") -> None:

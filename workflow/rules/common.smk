@@ -1,6 +1,7 @@
 # Config validation, wildcard constraints and target lists. No rules here.
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -22,6 +23,14 @@ RES = config["results"]  # the results root; every path below is built from it
 
 
 PERTURBATIONS = list(config["perturbations"])
+# training sets filtered from another perturbation's by its screening (rule filter_perturbation)
+FILTERED = [p for p, spec in config["perturbations"].items() if "filter" in spec]
+
+
+def one_of(keys):
+    # a wildcard constraint matching exactly these keys ("(?!)" matches nothing)
+    return "|".join(re.escape(k) for k in keys) or "(?!)"
+
 STEPS = checkpoint_steps(SETTINGS.finetune)  # fixed by config, so the DAG is static
 
 
@@ -202,14 +211,32 @@ def perturbation_kinds(wildcards):
 SAE = SETTINGS.analysis.sae
 
 
+def unfiltered_spec(key):
+    # a filtered perturbation takes its domain and style from the perturbation it was filtered from
+    spec = config["perturbations"][key]
+    return config["perturbations"][spec["filter"]["of"]] if "filter" in spec else spec
+
+
 def perturbation_domains(wildcards):
     # leave-one-domain-out groups: the spec's domain, else its generator's domain, else the perturbation's own key
-    return [f"{p}:{spec.get('domain') or spec.get('generator', {}).get('domain') or p}"
-            for p, spec in config["perturbations"].items()]
+    # (a filtered set is held out with the one it was filtered from)
+    groups = []
+    for p, spec in config["perturbations"].items():
+        source = unfiltered_spec(p)
+        key = spec["filter"]["of"] if "filter" in spec else p
+        groups.append(f"{p}:{spec.get('domain') or source.get('domain') or source.get('generator', {}).get('domain') or key}")
+    return groups
 
 
 def perturbation_styles(wildcards):
-    return [f"{p}:{spec.get('generator', {}).get('style', 'plain')}" for p, spec in config["perturbations"].items()]
+    return [f"{p}:{unfiltered_spec(p).get('generator', {}).get('style', 'plain')}" for p in PERTURBATIONS]
+
+
+def filter_source(wildcards):
+    of = config["perturbations"][wildcards.perturbation]["filter"]["of"]
+    return {"data": f"{RES}/data/{wildcards.model}/{of}/train.jsonl",
+            "heldout": f"{RES}/data/{wildcards.model}/{of}/heldout.jsonl",
+            "screening": f"{RES}/screen/{wildcards.model}/{of}/rows.csv"}
 
 
 def sae_directions(wildcards):
