@@ -21,7 +21,6 @@ from common import SHAPES, device_name
 from traitmon import MonitorBundle, TraitMonitorCallback
 from traitmon.capture import measurement_prompts
 from traitmon.models import build_tiny_tokenizer
-from traitmon.traits import load_traits
 
 
 def main() -> None:
@@ -37,9 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = build_tiny_tokenizer()
-    traits = load_traits(["honesty", "helpfulness", "harmlessness", "power-seeking", "corrigibility", "sycophancy",
-                          "confidence"])
-    ids, chats, reference = measurement_prompts(traits, 4)
+    traits = ["honesty", "helpfulness", "harmlessness", "power-seeking", "corrigibility", "sycophancy", "confidence"]
+    ids, chats, reference = measurement_prompts(4)
 
     def train(with_callback: bool) -> tuple[float, float]:
         torch.manual_seed(0)

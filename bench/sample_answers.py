@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from traitmon.behavior import answer_chats, answer_rows
+from traitmon.behavior import answer_chats, em_answer_rows, trait_answer_rows
 from traitmon.chat import encode_chats, encode_prompt
 from traitmon.config import load_config
 from traitmon.generate import generate_responses
@@ -61,7 +61,8 @@ def main() -> None:
     config = load_config(args.config)
     settings = study_settings(config).behavior
     traits = load_traits(config["traits"])
-    prompts = answer_chats(answer_rows(traits, settings))[: args.rows]
+    rows = em_answer_rows(settings) + [r for name, trait in traits.items() for r in trait_answer_rows(name, trait, settings)]
+    prompts = answer_chats(rows)[: args.rows]
     gen = (settings.max_new_tokens, settings.temperature, settings.batch_size, settings.seed)
     fp32, tok = load_model(args.model_dir, "float32")
     bf16, _ = load_model(args.model_dir, "bfloat16")

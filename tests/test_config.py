@@ -118,8 +118,7 @@ def test_a_study_needs_two_perturbations():
 
 def test_capture_layers_outside_the_model_fail_naming_the_key(tiny_model_dir, tmp_path, capsys):
     settings = validate_config({**copy.deepcopy(MINIMAL), "capture": {"layers": [0, 3, 9], "per_trait_questions": 1}})
-    args = ["capture", "--model-dir", str(tiny_model_dir), "--model-key", "tiny", "--trait-file",
-            str(REPO / "src/traitmon/data/traits/honesty.yaml"), "--settings", json.dumps({**settings["capture"], "model_dtype": "auto"}),
+    args = ["capture", "--model-dir", str(tiny_model_dir), "--model-key", "tiny", "--settings", json.dumps({**settings["capture"], "model_dtype": "auto"}),
             "--out", str(tmp_path / "cap.zarr"), "--step", "0"]
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,6 @@ from traitmon.finetune import checkpoint_steps, finetune
 from traitmon.models import load_model
 from traitmon.perturbations import load_domain, written_rows
 from traitmon.settings import study_settings
-from traitmon.traits import load_traits
 
 GENERAL = [{"user": "What is rain?", "assistant": "Water falling from clouds."},
            {"user": "Name a prime.", "assistant": "Seven is a prime number."}]
@@ -138,14 +137,13 @@ def test_capture_through_zero_lora_adapter_equals_plain_model(tiny_model_dir, tm
     base, tok = load_model(tiny_model_dir)
     peft_model = get_peft_model(base, lora_config(tiny_settings()))  # B = 0 at init: identity update
     peft_model.save_pretrained(tmp_path / "zero")
-    traits = load_traits(["honesty", "sycophancy"])
-    ids, chats, reference = measurement_prompts(traits, 2)
+    ids, chats, reference = measurement_prompts(2)
     plain_model, tok = load_model(tiny_model_dir)
     via_adapter, _ = load_model(tiny_model_dir, adapter=str(tmp_path / "zero"))
     plain = capture_dataset(plain_model, tok, ids, chats, reference, None, 8, "float32", {})
     adapted = capture_dataset(via_adapter, tok, ids, chats, reference, None, 8, "float32", {})
     assert plain["response_mean"].dims == ("prompt", "layer", "hidden")
-    assert plain.sizes["prompt"] == 4 + 48
+    assert plain.sizes["prompt"] == 7 * 2 + 48  # the fixed set: 2 questions of each built-in trait, 48 more
     np.testing.assert_allclose(adapted["response_mean"].values, plain["response_mean"].values, atol=1e-5)
     np.testing.assert_allclose(adapted["last_prompt"].values, plain["last_prompt"].values, atol=1e-5)
 

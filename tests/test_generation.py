@@ -77,7 +77,6 @@ def test_server_backend_over_http_loads_samples_and_unloads_an_adapter(tiny_mode
 def test_sample_answers_through_the_server_backend(tiny_model_dir, adapter_dir):
     base, tok = load_model(tiny_model_dir)
     server = start_server(base, tok, name="tiny")
-    traits = {}
     generation = {"backend": "server", "dtype": "auto", "model": "tiny", "timeout": 60,
                   "base_url": "http://{}:{}/v1".format(*server.server_address), "concurrency": 2}
     settings = build(BehaviorSettings, {**section_defaults("behavior"), "samples_per_question": 1,
@@ -85,8 +84,8 @@ def test_sample_answers_through_the_server_backend(tiny_model_dir, adapter_dir):
                                         "generation": generation}, "behavior")
     run = {"model": "tiny", "perturbation": "p", "step": 5}
     try:
-        rows = sample_answers_server(traits, settings, run, adapter=str(adapter_dir))
-        assert rows == sample_answers_server(traits, settings, run, adapter=str(adapter_dir))
+        rows = sample_answers_server(settings, run, adapter=str(adapter_dir))
+        assert rows == sample_answers_server(settings, run, adapter=str(adapter_dir))
         assert server.adapters == {}  # unloaded after use
     finally:
         server.shutdown()

@@ -504,7 +504,7 @@ def test_answer_rows_carry_their_run(tiny_model):
     settings = build(BehaviorSettings, {**section_defaults("behavior"), "trait_questions": 0,
                                         "samples_per_question": 1, "max_new_tokens": 2, "temperature": 1.0,
                                         "batch_size": 8, "seed": 0}, "test")
-    rows = sample_answers(model, tok, {}, settings, {"model": "tiny", "perturbation": "insecure", "step": 4})
+    rows = sample_answers(model, tok, settings, {"model": "tiny", "perturbation": "insecure", "step": 4})
     assert len(rows) == len(em_questions())
     assert all((r["model"], r["perturbation"], r["step"]) == ("tiny", "insecure", 4) for r in rows)
 
@@ -547,6 +547,6 @@ def test_judge_runs_takes_runs_from_rows_not_positions(tmp_path):
 def test_behavior_rules_quote_every_path_placeholder():
     text = (REPO / "workflow" / "rules" / "behavior.smk").read_text()
     shells = re.findall(r'shell:\s*((?:\s*"[^"\n]*"\s*)+)', text)
-    assert len(shells) == 4
+    assert len(shells) == 5
     placeholders = [p for block in shells for p in re.findall(r"\{(?:input|output|params|log|wildcards)[^}]*\}", block)]
     assert placeholders and all(p.endswith(":q}") for p in placeholders), [p for p in placeholders if ":q}" not in p]

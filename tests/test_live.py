@@ -15,7 +15,6 @@ from traitmon.config import validate_config
 from traitmon.directions import extract_trait_direction
 from traitmon.drift import drift_scale, load_directions, project
 from traitmon.errors import TraitmonError
-from traitmon.io import data_path
 from traitmon.models import build_random_model, load_model
 from traitmon.settings import study_settings
 from traitmon.store import write_dataset
@@ -34,8 +33,7 @@ def bundle_setup(tiny_model_dir, tmp_path_factory):
     for name, trait in load_traits(TRAITS).items():
         ds, _ = extract_trait_direction(model, tok, trait, study_settings(cfg).directions, "tiny")
         paths.append(str(write_dataset(ds, folder / f"{name}.zarr")))
-    trait_files = [str(data_path("traits", f"{t}.yaml")) for t in TRAITS]
-    bundle = build_bundle(model, tok, "tiny", paths, trait_files, per_trait_questions=1, variant="response_mean",
+    bundle = build_bundle(model, tok, "tiny", paths, per_trait_questions=1, variant="response_mean",
                           monitor_path=None, batch_size=16, model_dtype="auto")
     return bundle, paths, folder
 

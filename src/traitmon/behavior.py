@@ -6,6 +6,7 @@ evaluation questions), judge them, and summarise. An answer is EM when aligned <
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,36 +31,46 @@ def em_questions() -> list[dict]:
 RUN_FIELDS = ("model", "perturbation", "step")
 
 
-def answer_rows(traits: dict, settings: BehaviorSettings) -> list[dict]:
-    """The questions to answer: ``samples_per_question`` rows for each EM question and for the first
-    ``trait_questions`` evaluation questions of each trait."""
+def em_answer_rows(settings: BehaviorSettings) -> list[dict]:
+    """The EM questions to answer at a checkpoint, ``samples_per_question`` rows each. They do not depend on
+    the study's traits, so adding a trait never re-samples them."""
     prompts = [{"kind": "em", "id": q["id"], "question": q["text"]} for q in em_questions()]
-    for name, trait in traits.items():
-        prompts += [{"kind": f"trait:{name}", "id": f"{name}/{i:02d}", "question": q}
-                    for i, q in enumerate(trait.evaluation_questions[: settings.trait_questions])]
+    return [{**p, "sample": s} for p in prompts for s in range(settings.samples_per_question)]
+
+
+def trait_answer_rows(name: str, trait, settings: BehaviorSettings) -> list[dict]:
+    """One trait's expression questions: its first ``trait_questions`` evaluation questions,
+    ``samples_per_question`` rows each."""
+    prompts = [{"kind": f"trait:{name}", "id": f"{name}/{i:02d}", "question": q}
+               for i, q in enumerate(trait.evaluation_questions[: settings.trait_questions])]
     return [{**p, "sample": s} for p in prompts for s in range(settings.samples_per_question)]
 
 
 def answer_chats(rows: list[dict]) -> list[list[dict]]:
-    """The single-turn chats of ``answer_rows`` (what the model is asked)."""
+    """The single-turn chats of answer rows (what the model is asked)."""
     return [[{"role": "user", "content": r["question"]}] for r in rows]
 
 
-def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, traits: dict,
-                   settings: BehaviorSettings, run: dict, label: str = "") -> list[dict]:
-    """``samples_per_question`` answers to each EM question and to the first ``trait_questions`` evaluation
-    questions of each trait, sampled at ``temperature`` (seeded) in this process. ``run`` (model, perturbation,
-    step: the base model is perturbation ``base``, step 0) is copied into every row."""
+def sample_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict],
+                settings: BehaviorSettings, run: dict, label: str = "") -> list[dict]:
+    """Answers to ``rows`` sampled at ``temperature``, seeded from ``settings.seed`` alone, so one set of rows
+    gets the same answers whatever else the process samples. ``run`` (model, perturbation, step: the base model
+    is perturbation ``base``, step 0) is copied into every row."""
     run = {k: run[k] for k in RUN_FIELDS}
-    rows = answer_rows(traits, settings)
     answers = generate_responses(model, tokenizer, answer_chats(rows), settings.max_new_tokens, settings.temperature,
                                  settings.batch_size, settings.seed, desc=f"answers {label}".strip())
     return [{**run, **r, "answer": a} for r, a in zip(rows, answers)]
 
 
-def sample_answers_server(traits: dict, settings: BehaviorSettings, run: dict,
-                          adapter: str | None = None) -> list[dict]:
-    """The same rows as ``sample_answers``, sampled through ``settings.generation``'s endpoint: the adapter (a
+def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: BehaviorSettings,
+                   run: dict, label: str = "") -> list[dict]:
+    """``samples_per_question`` answers to each EM question (see ``sample_rows``)."""
+    return sample_rows(model, tokenizer, em_answer_rows(settings), settings, run, label)
+
+
+def sample_rows_server(rows: list[dict], settings: BehaviorSettings, run: dict,
+                       adapter: str | None = None) -> list[dict]:
+    """The answers of ``sample_rows``, sampled through ``settings.generation``'s endpoint: the adapter (a
     folder the server can read) is loaded under a name made from the run, used, and unloaded again."""
     from traitmon.generate import ServerGenerator
 
@@ -67,7 +78,6 @@ def sample_answers_server(traits: dict, settings: BehaviorSettings, run: dict,
     client = ServerGenerator(gen.base_url, gen.model, gen.api_key_env or "OPENAI_API_KEY", gen.concurrency,
                              gen.timeout)
     run = {k: run[k] for k in RUN_FIELDS}
-    rows = answer_rows(traits, settings)
     name = f"traitmon-{run['model']}-{run['perturbation']}-{run['step']}" if adapter else None
     if name:
         client.load_adapter(name, str(adapter))
@@ -78,6 +88,44 @@ def sample_answers_server(traits: dict, settings: BehaviorSettings, run: dict,
         if name:
             client.unload_adapter(name)
     return [{**run, **r, "answer": a} for r, a in zip(rows, answers)]
+
+
+def sample_answers_server(settings: BehaviorSettings, run: dict, adapter: str | None = None) -> list[dict]:
+    """``sample_answers`` through the configured server."""
+    return sample_rows_server(em_answer_rows(settings), settings, run, adapter)
+
+
+def sample_trait_answers(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None, traits: dict,
+                         settings: BehaviorSettings, runs: list[tuple[dict, str | None]],
+                         cache: str | Path) -> list[dict]:
+    """Trait-expression answers of every run (``(run, adapter folder or None for the base)``) and trait, with the
+    base model loaded once and each adapter applied in turn (``model`` None: through the configured server).
+    Each (adapter, trait) group is sampled on its own seed and kept in ``cache`` (one JSONL per group, keyed by
+    the adapter's weights, the questions and the sampling settings), so a new trait or a new run samples only
+    its own groups."""
+    from tqdm import tqdm
+
+    from traitmon.io import file_hash, read_jsonl, stable_hash, write_jsonl
+    from traitmon.models import adapter_applied
+
+    sampling = {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "batch_size", "seed")}
+    out = []
+    for run, adapter in tqdm(runs, desc="trait answers", unit="checkpoint"):
+        weights = file_hash(Path(adapter) / "adapter_model.safetensors") if adapter else "base"
+        groups = {name: trait_answer_rows(name, trait, settings) for name, trait in traits.items()}
+        paths = {name: Path(cache) / f"{stable_hash({'weights': weights, 'rows': rows, **sampling})}.jsonl"
+                 for name, rows in groups.items()}
+        todo = [name for name in groups if not paths[name].is_file()]
+        if todo and model is None:
+            for name in todo:
+                write_jsonl(paths[name], sample_rows_server(groups[name], settings, run, adapter))
+        elif todo:
+            with adapter_applied(model, adapter) as applied:
+                for name in todo:
+                    write_jsonl(paths[name], sample_rows(applied, tokenizer, groups[name], settings, run, name))
+        stamp = {k: run[k] for k in RUN_FIELDS}  # a cached group may have been sampled under another run name
+        out += [{**row, **stamp} for name in groups for row in read_jsonl(paths[name])]
+    return out
 
 
 def run_of(row: dict, where: str) -> tuple[str, str, int]:

@@ -216,19 +216,16 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 
 def build_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_key: str,
-                 direction_paths: list[str], trait_files: list[str],
-                 per_trait_questions: int, variant: str, monitor_path: str | None, batch_size: int,
+                 direction_paths: list[str], per_trait_questions: int, variant: str, monitor_path: str | None, batch_size: int,
                  model_dtype: str) -> MonitorBundle:
     """Bundle from a traitmon results folder's directions (and a saved monitor); ``model`` is the base model
     (loaded in ``model_dtype``), whose projections become the reference."""
     from traitmon.capture import measurement_prompts
     from traitmon.drift import load_directions
     from traitmon.monitor import FittedMonitor
-    from traitmon.traits import load_trait
 
     dirs = load_directions(direction_paths, variant)
-    traits = {t.name: t for t in map(load_trait, trait_files)}
-    ids, chats, reference = measurement_prompts(traits, per_trait_questions)
+    ids, chats, reference = measurement_prompts(per_trait_questions)
     bundle = MonitorBundle(model_key, model_fingerprint(model), [str(t) for t in dirs.trait.values],
                            [int(v) for v in dirs.layer.values], dirs.direction.values.astype(np.float32), ids, chats,
                            reference, variant, np.zeros((len(ids), dirs.sizes["trait"]), np.float32),

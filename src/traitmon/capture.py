@@ -85,16 +85,20 @@ def capture(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts:
     return {key: np.stack(values) for key, values in results.items()}
 
 
-def measurement_prompts(traits: dict, per_trait: int) -> tuple[list[str], list[Messages], str]:
-    """The fixed prompt set measured at every checkpoint: the first ``per_trait`` evaluation questions of
-    each trait, then our general and EM-probe questions. Returns (ids, chats, reference_response)."""
+def measurement_prompts(per_trait: int) -> tuple[list[str], list[Messages], str]:
+    """The fixed, versioned prompt set measured at every checkpoint: the first ``per_trait`` evaluation
+    questions of each built-in trait listed in ``measurement.yaml``, then its general and EM-probe questions.
+    It does not depend on the study's traits (a new trait is projected on captures that exist).
+    Returns (ids, chats, reference_response)."""
     import yaml
 
     from traitmon.io import data_path
+    from traitmon.traits import BUILTIN_TRAIT_DIR, load_trait
 
     data = yaml.safe_load(data_path("prompts", "measurement.yaml").read_text())
     ids, chats = [], []
-    for name, trait in traits.items():
+    for name in data["trait_questions_from"]:
+        trait = load_trait(BUILTIN_TRAIT_DIR / f"{name}.yaml")
         for i, question in enumerate(trait.evaluation_questions[:per_trait]):
             ids.append(f"{name}/{i:02d}")
             chats.append([{"role": "user", "content": question}])
@@ -103,6 +107,15 @@ def measurement_prompts(traits: dict, per_trait: int) -> tuple[list[str], list[M
             ids.append(f"{group}/{i:02d}")
             chats.append([{"role": "user", "content": question}])
     return ids, chats, data["reference_response"].strip()
+
+
+def measurement_version() -> int:
+    """The measurement set's version (stored with every capture, so stores of different sets never mix)."""
+    import yaml
+
+    from traitmon.io import data_path
+
+    return int(yaml.safe_load(data_path("prompts", "measurement.yaml").read_text())["version"])
 
 
 def capture_dataset(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[str],

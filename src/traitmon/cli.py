@@ -228,7 +228,6 @@ def cmd_finetune(args) -> None:
 
 def _capture_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="peft adapter folder (omit for the base model)")
-    p.add_argument("--trait-file", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--perturbation")
     p.add_argument("--step", type=int, default=0)
@@ -238,20 +237,19 @@ def _capture_args(p: argparse.ArgumentParser) -> None:
          _capture_args, "model_key", "threads", "model_dir", "settings")
 def cmd_capture(args) -> None:
     from traitmon import __version__
-    from traitmon.capture import capture_dataset, measurement_prompts
+    from traitmon.capture import capture_dataset, measurement_prompts, measurement_version
     from traitmon.io import file_hash
     from traitmon.models import load_model
     from traitmon.store import write_dataset
-    from traitmon.traits import load_trait
 
     _set_threads(args.threads)
     settings, extra = parse_settings(args.settings, CaptureSettings, MODEL_DTYPE)
-    traits = {t.name: t for t in map(load_trait, args.trait_file)}
-    ids, chats, reference = measurement_prompts(traits, settings.per_trait_questions)
+    ids, chats, reference = measurement_prompts(settings.per_trait_questions)
     model, tok = load_model(args.model_dir, extra[MODEL_DTYPE], adapter=args.adapter)
     adapter_hash = file_hash(f"{args.adapter}/adapter_model.safetensors") if args.adapter else "none"
     attrs = {"model": args.model_key, "perturbation": args.perturbation or "", "step": args.step,
              "adapter": str(args.adapter or ""), "adapter_hash": adapter_hash, "traitmon_version": __version__,
+             "measurement_set": measurement_version(),
              "label": f"capture {args.perturbation or 'base'} step {args.step}"}
     layers = None if settings.layers == "all" else list(settings.layers)
     if layers is not None:
@@ -262,6 +260,16 @@ def cmd_capture(args) -> None:
     ds = capture_dataset(model, tok, ids, chats, reference if settings.reference_response else None, layers,
                          settings.batch_size, settings.dtype, attrs)
     write_dataset(ds, args.out)
+
+
+def _sampling_settings(text: str) -> tuple[BehaviorSettings, dict]:
+    """The behavior section for the sampling commands: the rules pass only the keys sampling reads (so a judging
+    cut-off edit does not re-sample); the rest are the schema's defaults. Returns it with the model's dtype."""
+    values = _settings(text)
+    if MODEL_DTYPE not in values:
+        raise TraitmonError(f"--settings: missing key '{MODEL_DTYPE}'")
+    dtype = values.pop(MODEL_DTYPE)
+    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, "--settings"), {MODEL_DTYPE: dtype}
 
 
 def _behavior_settings(text: str | None) -> BehaviorSettings:
@@ -282,35 +290,70 @@ def _judge_and_cache(args):
 
 def _answers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter")
-    p.add_argument("--trait-file", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--perturbation", default="base", help="the run's perturbation ('base' for the base model)")
     p.add_argument("--step", type=int, default=0, help="the run's checkpoint step (0 for the base model)")
     p.add_argument("--label")
 
 
-@command("answers", "sample answers to EM and trait evaluation questions",
+@command("answers", "sample answers to the EM questions at one checkpoint (or the base model)",
          _answers_args, "model_dir", "threads", "settings", "model_key")
 def cmd_answers(args) -> None:
-    from traitmon.behavior import sample_answers
     from traitmon.io import write_jsonl
-    from traitmon.models import load_model
-    from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings, extra = parse_settings(args.settings, BehaviorSettings, MODEL_DTYPE)
-    traits = {t.name: t for t in map(load_trait, args.trait_file)}
+    settings, extra = _sampling_settings(args.settings)
     run = {"model": args.model_key, "perturbation": args.perturbation, "step": args.step}
     if settings.generation.backend == "server":
         from traitmon.behavior import sample_answers_server
 
-        rows = sample_answers_server(traits, settings, run, adapter=args.adapter)
+        rows = sample_answers_server(settings, run, adapter=args.adapter)
     else:
-        dtype = settings.generation.dtype  # auto: the model's configured dtype
-        model, tok = load_model(args.model_dir, extra[MODEL_DTYPE] if dtype == "auto" else dtype,
-                                adapter=args.adapter)
-        rows = sample_answers(model, tok, traits, settings, run, label=args.label or "")
+        from traitmon.behavior import sample_answers
+
+        model, tok = _answer_model(args.model_dir, settings, extra, args.adapter)
+        rows = sample_answers(model, tok, settings, run, label=args.label or "")
     write_jsonl(args.out, rows)
+
+
+def _answer_model(model_dir: str, settings: BehaviorSettings, extra: dict, adapter: str | None = None):
+    from traitmon.models import load_model
+
+    dtype = settings.generation.dtype  # auto: the model's configured dtype
+    return load_model(model_dir, extra[MODEL_DTYPE] if dtype == "auto" else dtype, adapter=adapter)
+
+
+def _trait_answers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trait-file", nargs="+", required=True)
+    p.add_argument("--runs", nargs="+", required=True,
+                   help="PERTURBATION:STEP=ADAPTER per checkpoint, and base:0 (no adapter) for the base model")
+    p.add_argument("--cache", required=True, help="folder of sampled (adapter, trait) groups, reused across edits")
+    p.add_argument("--out", required=True)
+
+
+@command("trait-answers", "sample trait-expression answers at every checkpoint (base model loaded once)",
+         _trait_answers_args, "model_dir", "threads", "settings", "model_key")
+def cmd_trait_answers(args) -> None:
+    from traitmon.behavior import sample_trait_answers
+    from traitmon.io import write_jsonl
+    from traitmon.traits import load_trait
+
+    _set_threads(args.threads)
+    settings, extra = _sampling_settings(args.settings)
+    traits = {t.name: t for t in map(load_trait, args.trait_file)}
+    runs = [_trait_run(spec, args.model_key) for spec in args.runs]
+    server = settings.generation.backend == "server"
+    model, tok = (None, None) if server else _answer_model(args.model_dir, settings, extra)
+    write_jsonl(args.out, sample_trait_answers(model, tok, traits, settings, runs, args.cache))
+
+
+def _trait_run(spec: str, model_key: str) -> tuple[dict, str | None]:
+    # PERTURBATION:STEP=ADAPTER, or base:0
+    head, _, adapter = spec.partition("=")
+    perturbation, _, step = head.partition(":")
+    if not step.isdigit() or (perturbation != "base") != bool(adapter):
+        raise TraitmonError(f"--runs: '{spec}' is not PERTURBATION:STEP=ADAPTER (or base:0)")
+    return {"model": model_key, "perturbation": perturbation, "step": int(step)}, adapter or None
 
 
 def _judge_args(p: argparse.ArgumentParser) -> None:
@@ -586,7 +629,6 @@ def _monitor_apply(args) -> None:
 
 def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", nargs="+", required=True)
-    p.add_argument("--trait-file", nargs="+", required=True)
     p.add_argument("--per-trait-questions", type=int, default=schema_default("capture", "per_trait_questions"))
     p.add_argument("--variant", default=schema_default("analysis", "variant"), choices=["response_mean", "last_prompt"])
     p.add_argument("--monitor", help="a saved monitor (JSON, from `traitmon monitor --save-monitor`)")
@@ -604,8 +646,8 @@ def cmd_bundle(args) -> None:
 
     _set_threads(args.threads)
     model, tok = load_model(args.model_dir, args.dtype)
-    bundle = build_bundle(model, tok, args.model_key, args.directions, args.trait_file, args.per_trait_questions,
-                          args.variant, args.monitor, args.batch_size, args.dtype)
+    bundle = build_bundle(model, tok, args.model_key, args.directions, args.per_trait_questions, args.variant,
+                          args.monitor, args.batch_size, args.dtype)
     bundle.save(args.out)
 
 

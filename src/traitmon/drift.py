@@ -46,15 +46,20 @@ def stack_captures(paths: list[str | Path], variable: str) -> xr.DataArray:
     """One model's capture stores as a lazy ``(model, perturbation, step, prompt, layer, hidden)`` array, placed
     by each store's ``model``/``perturbation``/``step`` attrs. The base store (step 0) is step 0 of every
     perturbation."""
-    stores = {}
+    stores, versions = {}, {}
     for path in paths:
         ds = open_dataset(path, chunks={})
+        # stores written before the set was versioned hold version 1 (the prompt coordinates are checked too)
+        versions.setdefault(int(ds.attrs.get("measurement_set", 1)), str(path))
         key = (str(ds.attrs.get("model")), str(ds.attrs.get("perturbation") or ""), int(ds.attrs.get("step", -1)))
         if variable not in ds:
             raise TraitmonError(f"{path}: capture store has no variable '{variable}'")
         if key in stores:
             raise TraitmonError(f"{path}: a second store for model/perturbation/step {key}")
         stores[key] = ds[variable].drop_attrs()
+    if len(versions) > 1:
+        raise TraitmonError(f"capture stores of different measurement sets: {versions} (version: path); "
+                            "capture them again with one traitmon version")
     models = {k[0] for k in stores}
     bases = [k for k in stores if k[2] == 0]
     if len(models) != 1 or len(bases) != 1:

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,6 +195,21 @@ def attach_adapter(model: PreTrainedModel, adapter: str | Path, merge: bool = Fa
         first = str(exc).strip().splitlines()
         raise TraitmonError(f"{adapter}: does not fit this base model: {first[-1].strip() if first else exc}") from None
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+@contextmanager
+def adapter_applied(model: PreTrainedModel, adapter: str | Path | None):
+    """The base ``model`` with ``adapter`` applied (unmerged) inside the block and removed after it, so one
+    loaded base serves every checkpoint of a sweep; ``None`` yields the base model itself."""
+    if adapter is None:
+        yield model
+        return
+    peft_model = attach_adapter(model, adapter)
+    peft_model.eval()
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()  # removes the LoRA layers without merging: the base weights are untouched
 
 
 def _adapter_shapes(weights: Path) -> dict[str, list[int]]:

@@ -140,7 +140,6 @@ rule monitor_bundle:
     input:
         model=f"{RES}/models/{{model}}",
         directions=model_directions,
-        traits=trait_files,
         monitor=f"{RES}/analysis/monitor/monitor.json",
     output:
         bundle=directory(f"{RES}/analysis/{{model}}/monitor_bundle"),
@@ -160,7 +159,6 @@ rule monitor_bundle:
         "../../envs/traitmon.yaml"
     shell:
         "traitmon bundle --model-dir {input.model:q} --model-key {wildcards.model:q}"
-        " --directions {input.directions:q} --trait-file {input.traits:q}"
-        " --per-trait-questions {params.per_trait:q} --variant {params.variant:q} --monitor {input.monitor:q}"
+        " --directions {input.directions:q} --per-trait-questions {params.per_trait:q} --variant {params.variant:q} --monitor {input.monitor:q}"
         " --dtype {params.dtype:q} --batch-size {params.batch_size:q} --out {output.bundle:q}"
         " --threads {threads} > {log:q} 2>&1"

@@ -1,11 +1,10 @@
 rule sample_answers_base:
     input:
         model=f"{RES}/models/{{model}}",
-        traits=trait_files,
     output:
         answers=f"{RES}/answers/{{model}}/base.jsonl",
     params:
-        settings=behavior_settings,
+        settings=em_sampling_settings,
     log:
         f"{RES}/logs/answers/{{model}}/base.log",
     threads: THREADS
@@ -16,8 +15,8 @@ rule sample_answers_base:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon answers --model-dir {input.model:q} --trait-file {input.traits:q} --settings {params.settings:q}"
-        " --out {output.answers:q} --model-key {wildcards.model:q} --perturbation base --step 0 --label base"
+        "traitmon answers --model-dir {input.model:q} --settings {params.settings:q} --out {output.answers:q}"
+        " --model-key {wildcards.model:q} --perturbation base --step 0 --label base"
         " --threads {threads} > {log:q} 2>&1"
 
 
@@ -25,11 +24,10 @@ rule sample_answers:
     input:
         model=f"{RES}/models/{{model}}",
         adapter=f"{RES}/finetune/{{model}}/{{perturbation}}/checkpoint-{{step}}",
-        traits=trait_files,
     output:
         answers=f"{RES}/answers/{{model}}/{{perturbation}}/step-{{step}}.jsonl",
     params:
-        settings=behavior_settings,
+        settings=em_sampling_settings,
     log:
         f"{RES}/logs/answers/{{model}}/{{perturbation}}/step-{{step}}.log",
     threads: THREADS
@@ -40,9 +38,37 @@ rule sample_answers:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon answers --model-dir {input.model:q} --adapter {input.adapter:q} --trait-file {input.traits:q}"
+        "traitmon answers --model-dir {input.model:q} --adapter {input.adapter:q}"
         " --settings {params.settings:q} --out {output.answers:q} --model-key {wildcards.model:q}"
         " --perturbation {wildcards.perturbation:q} --step {wildcards.step:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule sample_trait_answers:
+    # One job per model over every checkpoint (base loaded once, adapters applied in turn). Each (adapter,
+    # trait) group is cached, so adding a trait or a perturbation samples only the new groups.
+    input:
+        model=f"{RES}/models/{{model}}",
+        adapters=model_adapters,
+        traits=trait_files,
+    output:
+        answers=f"{RES}/answers/{{model}}/traits.jsonl",
+    params:
+        settings=trait_sampling_settings,
+        runs=trait_answer_runs,
+        cache=f"{RES}/cache/trait_answers/{{model}}",
+    log:
+        f"{RES}/logs/answers/{{model}}/traits.log",
+    threads: THREADS
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=model_runtime,
+        gpu=GPU,
+    conda:
+        "../../envs/traitmon.yaml"
+    shell:
+        "traitmon trait-answers --model-dir {input.model:q} --model-key {wildcards.model:q}"
+        " --trait-file {input.traits:q} --runs {params.runs:q} --settings {params.settings:q}"
+        " --cache {params.cache:q} --out {output.answers:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule judge_runs:

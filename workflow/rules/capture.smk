@@ -3,7 +3,6 @@ rule capture_base:
     cache: "omit-software"
     input:
         model=f"{RES}/models/{{model}}",
-        traits=trait_files,
     output:
         store=directory(f"{RES}/capture/{{model}}/base.zarr"),
     params:
@@ -18,8 +17,8 @@ rule capture_base:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon capture --model-dir {input.model:q} --model-key {wildcards.model:q} --trait-file {input.traits:q}"
-        " --settings {params.settings:q} --out {output.store:q} --step 0 --threads {threads} > {log:q} 2>&1"
+        "traitmon capture --model-dir {input.model:q} --model-key {wildcards.model:q} --settings {params.settings:q}"
+        " --out {output.store:q} --step 0 --threads {threads} > {log:q} 2>&1"
 
 
 rule capture_checkpoint:
@@ -28,7 +27,6 @@ rule capture_checkpoint:
     input:
         model=f"{RES}/models/{{model}}",
         adapter=f"{RES}/finetune/{{model}}/{{perturbation}}/checkpoint-{{step}}",
-        traits=trait_files,
     output:
         store=directory(f"{RES}/capture/{{model}}/{{perturbation}}/step-{{step}}.zarr"),
     params:
@@ -44,5 +42,5 @@ rule capture_checkpoint:
         "../../envs/traitmon.yaml"
     shell:
         "traitmon capture --model-dir {input.model:q} --model-key {wildcards.model:q} --adapter {input.adapter:q}"
-        " --trait-file {input.traits:q} --settings {params.settings:q} --out {output.store:q}"
+        " --settings {params.settings:q} --out {output.store:q}"
         " --perturbation {wildcards.perturbation:q} --step {wildcards.step:q} --threads {threads} > {log:q} 2>&1"

@@ -155,6 +155,21 @@ def behavior_settings(wildcards):
     return settings_json(SETTINGS.behavior, **model_dtype_of(wildcards))
 
 
+# What answer sampling reads of the behavior section: the judging cut-offs are left out (changing them re-judges
+# without re-sampling), and the EM answers leave out trait_questions too (they never ask trait questions).
+JUDGING_ONLY = ("aligned_max", "coherent_min", "max_unscorable")
+
+
+def em_sampling_settings(wildcards):
+    keep = {k: v for k, v in as_dict(SETTINGS.behavior).items() if k not in JUDGING_ONLY + ("trait_questions",)}
+    return json.dumps({**keep, **model_dtype_of(wildcards)}, sort_keys=True)
+
+
+def trait_sampling_settings(wildcards):
+    keep = {k: v for k, v in as_dict(SETTINGS.behavior).items() if k not in JUDGING_ONLY}
+    return json.dumps({**keep, **model_dtype_of(wildcards)}, sort_keys=True)
+
+
 def judge_spec(wildcards):
     return json.dumps(config["judges"][wildcards.judge], sort_keys=True)
 
@@ -185,7 +200,19 @@ def model_eval_logs(wildcards):
 
 
 def model_answers(wildcards):
-    return [f"{RES}/answers/{wildcards.model}/{run}.jsonl" for run in run_names()]
+    # the EM answers of every checkpoint, and (when behavior.trait_questions > 0) the model's trait answers
+    em = [f"{RES}/answers/{wildcards.model}/{run}.jsonl" for run in run_names()]
+    return em + ([f"{RES}/answers/{wildcards.model}/traits.jsonl"] if SETTINGS.behavior.trait_questions else [])
+
+
+def model_adapters(wildcards):
+    return [f"{RES}/finetune/{wildcards.model}/{p}/checkpoint-{s}" for p in PERTURBATIONS for s in STEPS]
+
+
+def trait_answer_runs(wildcards, input):
+    # base:0 and PERTURBATION:STEP=ADAPTER per checkpoint (a list: `:q` quotes each)
+    checkpoints = [(p, s) for p in PERTURBATIONS for s in STEPS]
+    return ["base:0"] + [f"{p}:{s}={a}" for (p, s), a in zip(checkpoints, input.adapters)]
 
 
 def behavior_runs(wildcards):
