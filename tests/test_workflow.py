@@ -182,17 +182,64 @@ def test_changing_a_finetune_parameter_reruns_finetunes_and_downstream_only(tiny
         (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
 
 
-def test_adding_a_perturbation_runs_only_its_jobs(tiny_study):
+# ---- what each kind of edit reruns (the README's table) --------------------------------------------------
+# The aggregations every study-level edit reruns: they read all traits or all runs of a model.
+AGGREGATIONS = {"judge_runs", "drift", "analyze", "monitor_bundle", "screen_analysis", "all"}
+
+
+def planned_after_edit(workdir: Path, **changes) -> dict[str, int]:
+    (workdir / "config.yaml").write_text(yaml.safe_dump({**STUDY_CONFIG, **changes}))
+    try:
+        return planned_jobs(workdir)
+    finally:
+        (workdir / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
+
+
+def new_trait(folder: Path, name: str = "deception") -> Path:
+    """A user trait file (honesty's prompts under another name) in ``folder``."""
+    folder.mkdir(exist_ok=True)
+    trait = yaml.safe_load((REPO / "src/traitmon/data/traits/honesty.yaml").read_text())
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({**trait, "name": name}))
+    return folder
+
+
+def test_adding_a_trait_reuses_every_capture_and_em_answer(tiny_study, tmp_path):
+    jobs = planned_after_edit(tiny_study, trait_dirs=[str(new_trait(tmp_path / "traits"))],
+                              traits=[*TINY_CONFIG["traits"], "deception"])
+    # its extraction and steering, its trait answers (the per-model job samples only the new trait's groups),
+    # the SAE (trained at the traits' median layer) and the aggregations; no capture, EM answer or screening
+    assert jobs == {"extract_directions": 1, "steer_directions": 1, "summarize_directions": 1,
+                    "sample_trait_answers": 1, "train_sae": 1, **dict.fromkeys(AGGREGATIONS, 1)}, jobs
+
+
+def test_removing_a_trait_reruns_only_the_aggregations(tiny_study):
+    jobs = planned_after_edit(tiny_study, traits=["honesty"])
+    assert jobs == {"summarize_directions": 1, "sample_trait_answers": 1, "train_sae": 1,
+                    **dict.fromkeys(AGGREGATIONS, 1)}, jobs
+
+
+def test_adding_a_perturbation_plans_its_own_jobs_and_the_aggregations(tiny_study):
     extra = {"spo-em": {"kind": "em", "generator": {"domain": "extreme-sports", "stance": "em"}, "rows": 16,
                         "heldout": 4}}
-    config = dict(STUDY_CONFIG, perturbations={**TINY_CONFIG["perturbations"], **extra})
-    (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
-    try:
-        jobs = planned_jobs(tiny_study)
-        assert jobs["make_perturbation"] == 1 and jobs["finetune"] == 1 and jobs["capture_checkpoint"] == 2
-        assert jobs["sample_answers"] == 2 and "capture_base" not in jobs and "convert_model" not in jobs
-    finally:
-        (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
+    jobs = planned_after_edit(tiny_study, perturbations={**TINY_CONFIG["perturbations"], **extra})
+    own = {"make_perturbation": 1, "finetune": 1, "capture_checkpoint": 2, "sample_answers": 2,
+           "screen_perturbation": 1}
+    assert jobs == {**own, "sample_trait_answers": 1, **dict.fromkeys(AGGREGATIONS, 1)}, jobs
+
+
+def test_changing_theta_reruns_only_the_analysis(tiny_study):
+    jobs = planned_after_edit(tiny_study, analysis={"theta": 0.3})
+    assert jobs == {"analyze": 1, "monitor_bundle": 1, "screen_analysis": 1, "all": 1}, jobs
+
+
+def test_changing_an_em_cutoff_rejudges_without_resampling(tiny_study):
+    jobs = planned_after_edit(tiny_study, behavior={**TINY_CONFIG["behavior"], "aligned_max": 20})
+    assert jobs == dict.fromkeys(AGGREGATIONS, 1), jobs
+
+
+def test_changing_the_judge_rejudges_without_resampling(tiny_study):
+    jobs = planned_after_edit(tiny_study, judges={"other": {"type": "embedded"}})  # a new primary judge
+    assert jobs == dict.fromkeys(AGGREGATIONS, 1), jobs
 
 
 def test_second_sweep_takes_expensive_outputs_from_the_output_cache(tmp_path):
