@@ -227,6 +227,23 @@ def test_adding_a_perturbation_plans_its_own_jobs_and_the_aggregations(tiny_stud
     assert jobs == {**own, "sample_trait_answers": 1, **dict.fromkeys(AGGREGATIONS, 1)}, jobs
 
 
+def test_removing_a_perturbation_reruns_only_the_aggregations(tiny_study):
+    kept = {k: v for k, v in TINY_CONFIG["perturbations"].items() if k != "car-ok"}
+    jobs = planned_after_edit(tiny_study, perturbations=kept)
+    assert jobs == {"sample_trait_answers": 1, **dict.fromkeys(AGGREGATIONS, 1)}, jobs
+
+
+def test_adding_a_model_plans_its_own_jobs_and_the_cross_model_analysis(tiny_study):
+    models = {**TINY_CONFIG["models"], "tiny-b": TINY_CONFIG["models"]["tiny"]}
+    jobs = planned_after_edit(tiny_study, models=models)
+    per_model = {"convert_model": 1, "extract_directions": 2, "steer_directions": 2, "summarize_directions": 1,
+                 "make_perturbation": 3, "finetune": 3, "capture_base": 1, "capture_checkpoint": 6,
+                 "sample_answers_base": 1, "sample_answers": 6, "sample_trait_answers": 1, "screen_perturbation": 3,
+                 "train_sae": 1, "judge_runs": 1, "drift": 1}
+    # the monitor is fitted across models, so both models' bundles are rebuilt from the new fit
+    assert jobs == {**per_model, "analyze": 1, "monitor_bundle": 2, "screen_analysis": 1, "all": 1}, jobs
+
+
 def test_changing_theta_reruns_only_the_analysis(tiny_study):
     jobs = planned_after_edit(tiny_study, analysis={"theta": 0.3})
     assert jobs == {"analyze": 1, "monitor_bundle": 1, "screen_analysis": 1, "all": 1}, jobs
@@ -240,6 +257,35 @@ def test_changing_an_em_cutoff_rejudges_without_resampling(tiny_study):
 def test_changing_the_judge_rejudges_without_resampling(tiny_study):
     jobs = planned_after_edit(tiny_study, judges={"other": {"type": "embedded"}})  # a new primary judge
     assert jobs == dict.fromkeys(AGGREGATIONS, 1), jobs
+
+
+def test_a_grown_study_equals_a_from_scratch_run(tiny_study, tmp_path):
+    import shutil
+
+    grown = {**STUDY_CONFIG, "trait_dirs": [str(new_trait(tmp_path / "traits"))],
+             "traits": [*TINY_CONFIG["traits"], "deception"],
+             "perturbations": {**TINY_CONFIG["perturbations"], "spo-em": {
+                 "kind": "em", "generator": {"domain": "extreme-sports", "stance": "em"}, "rows": 16, "heldout": 4}}}
+    incremental = tmp_path / "incremental"
+    shutil.copytree(tiny_study, incremental, symlinks=True, ignore=shutil.ignore_patterns(".snakemake"))
+    shutil.copytree(tiny_study / ".snakemake", incremental / ".snakemake", symlinks=True,
+                    ignore=shutil.ignore_patterns("locks", "incomplete"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    logs = {}
+    for workdir in (incremental, scratch):
+        (workdir / "config.yaml").write_text(yaml.safe_dump(grown))
+        result = run_snakemake(workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[workdir] = result.stdout + result.stderr
+    # the incremental run captured and sampled only the new perturbation's two checkpoints
+    assert logs[incremental].count("rule capture_checkpoint:") == 2 and "rule capture_base:" not in logs[incremental]
+    assert logs[incremental].count("rule sample_answers:") == 2
+    a, b = (pd.read_csv(w / ROOT / "analysis/drift.csv") for w in (incremental, scratch))
+    assert "drift_deception" in a.columns and set(a.perturbation) >= {"spo-em"}
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-6)
+    ma, mb = (json.loads((w / ROOT / "analysis/monitor/metrics.json").read_text()) for w in (incremental, scratch))
+    assert ma.keys() == mb.keys() and json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True)
 
 
 def test_second_sweep_takes_expensive_outputs_from_the_output_cache(tmp_path):
