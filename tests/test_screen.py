@@ -4,6 +4,7 @@ byte at layer 0 (the embeddings), so answers made of that byte project far along
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -11,7 +12,13 @@ from traitmon.cli import main
 from traitmon.errors import TraitmonError
 from traitmon.io import read_jsonl, write_jsonl
 from traitmon.models import load_model
-from traitmon.screen import filter_rows, screen
+from traitmon.screen import (
+    filter_rows,
+    read_activations,
+    screen,
+    screen_activations,
+    screen_from_activations,
+)
 from traitmon.store import write_dataset
 
 PLANTED = [2, 7, 10]
@@ -93,8 +100,6 @@ def test_filter_removes_exactly_the_top_fraction(setup, tiny_model_dir, tmp_path
     kept = read_jsonl(tmp_path / "filtered.jsonl")
     assert len(kept) == 9 and kept == [r for i, r in enumerate(rows) if i not in PLANTED]
     # from the saved table, no model needed: floor(0.1 * 12) = 1 row, the highest-risk one
-    import pandas as pd
-
     table = pd.read_csv(out_dir / "rows.csv")
     assert main(["screen", str(data), "--table", str(out_dir / "rows.csv"), "--filter", "0.1",
                  "--out", str(tmp_path / "one.jsonl")]) == 0
@@ -110,9 +115,155 @@ def test_filter_removes_exactly_the_top_fraction(setup, tiny_model_dir, tmp_path
     assert "nowhere.jsonl" in capsys.readouterr().err
 
 
-def test_screening_analysis_joins_final_em_and_verdict_and_evaluates_lopo(tmp_path):
-    import pandas as pd
+def _two_trait_directions(directions, hidden):
+    # the planted trait at layer 0 and a random unit direction at a deeper layer (so the store's other layers count)
+    rng = np.random.default_rng(1)
+    extra = rng.normal(size=hidden).astype(np.float32)
+    vectors = np.stack([directions.direction.values[0], extra / np.linalg.norm(extra)])
+    return xr.Dataset({"direction": (("trait", "hidden"), vectors), "layer": (("trait",), [0, 2])},
+                      coords={"trait": ["power-seeking", "honesty"]})
 
+
+def test_screening_from_a_stored_activation_set_equals_the_one_shot_screening(setup, tmp_path):
+    from traitmon.capture import capture
+    from traitmon.hooks import num_layers
+    from traitmon.screen import fill_empty_answers, risk_weights, screening_table, split_rows
+
+    model, tok, directions, _, _, _ = setup
+    directions = _two_trait_directions(directions, model.config.hidden_size)
+    rows = _rows()
+    acts = screen_activations(model, tok, rows, tmp_path, SETTINGS, attrs={"model": "tiny", "perturbation": "p"})
+    assert acts["response_mean"].dims == ("answer", "row", "layer", "hidden")
+    assert list(acts.answer.values) == ["data", "own"] and acts["response_mean"].dtype == np.float32
+    assert list(acts.layer.values) == list(range(num_layers(model) + 1))  # layers=None: every layer
+    assert acts.attrs["model"] == "tiny" and acts.attrs["perturbation"] == "p"
+    stored = read_activations(write_dataset(acts, tmp_path / "activations.zarr"))
+    split = screen_from_activations(stored, directions, n_boot=SETTINGS["n_boot"], source="dataset")
+    one_shot = screen(model, tok, rows, directions, tmp_path, SETTINGS)  # reuses the cached own answers
+    pd.testing.assert_frame_equal(split.table, one_shot.table, check_exact=True)
+    assert split.profile == one_shot.profile
+    # the numbers of the former screening: each trait's layer captured alone and projected
+    prompts, answers = split_rows(rows, "dataset")
+    own = [r["answer"] for r in read_jsonl(tmp_path / "base_answers.jsonl")]
+    assert len(own) == len(rows)  # one cached answer per (distinct) prompt, in row order
+    proj = [capture(model, tok, prompts, texts, [0, 2], 4, 256)["response_mean"] for texts in (answers, own)]
+    proj = [np.stack([p[:, j] @ directions.direction.values[j] for j in range(2)], axis=1) for p in proj]
+    w = risk_weights(["power-seeking", "honesty"], None)
+    expected = screening_table(list(split.table.sort_values("row").prompt_hash), proj[0],
+                               fill_empty_answers(proj[1], "dataset"), ["power-seeking", "honesty"], w)
+    np.testing.assert_allclose(split.table.risk, expected.risk, rtol=1e-6)
+    assert list(split.table.row) == list(expected.row)
+
+
+def test_projecting_a_store_without_the_traits_layer_is_a_one_line_error(setup, tmp_path):
+    model, tok, directions, _, _, _ = setup
+    acts = screen_activations(model, tok, _rows(), tmp_path, SETTINGS, layers=[0, 1])
+    with pytest.raises(TraitmonError, match=r"store\.zarr: trait 'honesty' is at layer 2") as err:
+        screen_from_activations(acts, _two_trait_directions(directions, model.config.hidden_size),
+                                source="store.zarr")
+    assert "\n" not in str(err.value)
+    other = xr.Dataset({"direction": (("trait", "hidden"), np.ones((1, 5), np.float32)), "layer": (("trait",), [0])},
+                       coords={"trait": ["power-seeking"]})
+    with pytest.raises(TraitmonError, match="hidden size"):
+        screen_from_activations(acts, other)
+
+
+def test_cli_stores_activations_once_then_screens_and_filters_from_the_store(setup, tiny_model_dir, tmp_path,
+                                                                             capsys):
+    _, _, _, direction_path, data, _ = setup
+    store = tmp_path / "screen" / "activations.zarr"
+    generation = ["--max-new-tokens", "12", "--temperature", "1"]
+    assert main(["screen", str(data), "--model-dir", str(tiny_model_dir), "--activations-out", str(store),
+                 "--model-key", "tiny", "--perturbation", "p", *generation]) == 0
+    assert len(read_jsonl(tmp_path / "screen" / "base_answers.jsonl")) == 12  # the cache sits beside the store
+    assert list(read_activations(store).layer.values) == [0, 1, 2, 3]
+    out_dir, filtered, meta = tmp_path / "out", tmp_path / "filtered.jsonl", tmp_path / "meta.json"
+    assert main(["screen", str(data), "--activations", str(store), "--directions", direction_path,
+                 "--out-dir", str(out_dir), "--n-boot", "200", "--filter", "0.25", "--out", str(filtered),
+                 "--meta", str(meta)]) == 0
+    rows = read_jsonl(data)
+    assert read_jsonl(filtered) == [r for i, r in enumerate(rows) if i not in PLANTED]
+    profile = json.loads((out_dir / "profile.json").read_text())
+    assert (profile["model"], profile["perturbation"], profile["n_rows"]) == ("tiny", "p", 12)  # the store's labels
+    assert json.loads(meta.read_text())["screening"] == str(store)
+    # the same table as the one-shot screening of the same rows
+    one_shot = tmp_path / "one-shot"
+    assert main(["screen", str(data), "--model-dir", str(tiny_model_dir), "--directions", direction_path,
+                 "--out-dir", str(one_shot), "--n-boot", "200", *generation]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out_dir / "rows.csv"), pd.read_csv(one_shot / "rows.csv"))
+    # the store must come from these rows; bad combinations and layers are one-line errors
+    capsys.readouterr()
+    write_jsonl(tmp_path / "fewer.jsonl", rows[:-1])
+    for argv, message in [
+        ([str(tmp_path / "fewer.jsonl"), "--activations", str(store), "--directions", direction_path, "--filter", "0.1",
+          "--out", str(tmp_path / "x.jsonl")], "does not match"),
+        ([str(data), "--activations", str(store), "--model-dir", str(tiny_model_dir), "--directions", direction_path,
+          "--out-dir", str(out_dir)], "drop --model-dir"),
+        ([str(data), "--model-dir", str(tiny_model_dir), "--out-dir", str(out_dir)], "needs --directions"),
+        ([str(data), "--model-dir", str(tiny_model_dir), "--activations-out", str(tmp_path / "a.zarr"),
+          "--layers", "0", "9"], "--layers: layer 9 is outside"),
+        ([str(data), "--activations", str(out_dir), "--directions", direction_path, "--out-dir", str(out_dir)],
+         "activation store"),
+    ]:
+        assert main(["screen", *argv]) == 2, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the progress bars
+        assert len(errors) == 1 and message in errors[0], errors
+
+
+def _synthetic_store(model, pert, em, own):
+    # (answer, row, layer, hidden): the row answers sit 2 * em further along hidden axis 0 at layer 1 than the own
+    data = own.copy()
+    data[:, 1, 0] += 2 * em
+    return xr.Dataset({"response_mean": (("answer", "row", "layer", "hidden"), np.stack([data, own]))},
+                      coords={"answer": ["data", "own"], "row": np.arange(len(own)), "layer": [0, 1],
+                              "prompt_hash": ("row", [f"h{i}" for i in range(len(own))])},
+                      attrs={"model": model, "perturbation": pert})
+
+
+def test_screen_analysis_projects_every_store_on_its_models_directions(tmp_path, capsys):
+    perts = {"a-em": 0.4, "b-em": 0.3, "c-ok": 0.02, "d-ok": 0.0, "e-em": 0.25, "f-ok": 0.05}
+    own = np.random.default_rng(0).normal(size=(10, 2, 4)).astype(np.float32)
+    stores = [str(write_dataset(_synthetic_store("m", p, em, own), tmp_path / f"{p}.zarr")) for p, em in perts.items()]
+    direction = np.zeros((2, 4), np.float32)
+    direction[1, 0] = 1.0
+    directions = str(write_dataset(xr.Dataset({"direction": (("layer", "hidden"), direction)}, coords={"layer": [0, 1]},
+                                              attrs={"trait": "power-seeking", "chosen_layer": 1, "model": "m"}),
+                                   tmp_path / "power-seeking.zarr"))
+    pd.DataFrame([{"model": "m", "perturbation": p, "kind": "em" if "em" in p else "benign", "step": s,
+                   "em_rate": em * s / 4, "em_rate_ci_low": 0.0, "em_rate_ci_high": 1.0}
+                  for p, em in perts.items() for s in (0, 2, 4)]).to_csv(tmp_path / "drift.csv", index=False)
+    pd.DataFrame([{"model": "m", "perturbation": p, "step": s, "score": em, "alarm": em >= 0.1}
+                  for p, em in perts.items() for s in (2, 4)]).to_csv(tmp_path / "predictions.csv", index=False)
+    out = {name: tmp_path / name for name in ("rows.csv", "profiles.json", "screening.csv", "lopo.csv",
+                                              "metrics.json", "figure.png")}
+
+    def analysis(stores, directions):
+        return main(["screen-analysis", "--activations", *stores, "--directions", directions, "--drift",
+                     str(tmp_path / "drift.csv"), "--predictions", str(tmp_path / "predictions.csv"), "--theta", "0.1",
+                     "--n-boot", "200", "--rows-out", str(out["rows.csv"]), "--profiles-out", str(out["profiles.json"]),
+                     "--table", str(out["screening.csv"]), "--lopo", str(out["lopo.csv"]), "--metrics",
+                     str(out["metrics.json"]), "--figure", str(out["figure.png"])])
+
+    assert analysis(stores, directions) == 0
+    rows = pd.read_csv(out["rows.csv"])
+    assert list(rows.columns[:4]) == ["model", "perturbation", "rank", "row"] and len(rows) == 60
+    diffs = rows.groupby("perturbation")["diff_power-seeking"].mean() * own[:, 1, 0].std()
+    assert diffs.to_dict() == pytest.approx({p: 2 * em for p, em in perts.items()}, abs=1e-5)
+    profiles = json.loads(out["profiles.json"].read_text())
+    assert {(p["model"], p["perturbation"]) for p in profiles} == {("m", p) for p in perts}
+    assert json.loads(out["metrics.json"].read_text())["spearman_risk_vs_final_em"] == pytest.approx(1.0)
+    # a store of a model with no directions given, and a direction store without a model label
+    other = str(write_dataset(_synthetic_store("other", "a-em", 0.1, own), tmp_path / "other.zarr"))
+    unlabelled = str(write_dataset(xr.Dataset({"direction": (("layer", "hidden"), direction)}, coords={"layer": [0, 1]},
+                                              attrs={"trait": "honesty", "chosen_layer": 1}), tmp_path / "u.zarr"))
+    capsys.readouterr()
+    assert analysis([*stores, other], directions) == 2
+    assert "no trait directions given for model 'other'" in capsys.readouterr().err
+    assert analysis(stores, unlabelled) == 2
+    assert "without a model label" in capsys.readouterr().err
+
+
+def test_screening_analysis_joins_final_em_and_verdict_and_evaluates_lopo(tmp_path):
     from traitmon.analysis import screening_analysis
 
     perts = {"a-em": 0.4, "b-em": 0.3, "c-ok": 0.02, "d-ok": 0.0, "e-em": 0.25, "f-ok": 0.05}

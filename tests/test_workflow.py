@@ -128,6 +128,28 @@ def test_changing_one_trait_reruns_only_that_trait(tiny_study, tmp_path):
         (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
 
 
+def test_screening_stores_are_trait_independent_so_adding_a_trait_rescreens_no_dataset(tiny_study):
+    results = tiny_study / ROOT
+    store = open_dataset(results / "screen/tiny/med-em/activations.zarr")
+    assert store["response_mean"].dims == ("answer", "row", "layer", "hidden")
+    assert list(store.layer.values) == [0, 1, 2, 3] and store.attrs["perturbation"] == "med-em"  # capture.layers: all
+    assert (results / "screen/tiny/med-em/base_answers.jsonl").is_file()
+    rows = pd.read_csv(results / "analysis/screening/rows.csv")
+    assert len(rows) == 3 * 16 and set(rows.perturbation) == {"med-em", "fin-em", "car-ok"}
+    assert set(rows.model) == {"tiny"} and {"diff_honesty", "diff_sycophancy", "risk"} <= set(rows.columns)
+    profiles = json.loads((results / "analysis/screening/profiles.json").read_text())
+    assert sorted(p["perturbation"] for p in profiles) == ["car-ok", "fin-em", "med-em"]
+    config = dict(STUDY_CONFIG, traits=[*TINY_CONFIG["traits"], "power-seeking"])
+    (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(tiny_study)
+        # the new trait is projected on the stored screenings in the one analysis job
+        assert "screen_perturbation" not in jobs and jobs["screen_analysis"] == 1, jobs
+        assert jobs["extract_directions"] == 1
+    finally:
+        (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
+
+
 def test_bad_config_fails_before_any_job(tmp_path):
     bad = dict(TINY_CONFIG, traits=["honesty", "no-such-trait"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(bad))

@@ -690,6 +690,15 @@ def _screen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="chat JSONL (rows of 'messages' ending with the assistant answer)")
     p.add_argument("--directions", nargs="+", help="the model's trait direction stores (directions/MODEL/*.zarr)")
     p.add_argument("--out-dir", help="folder for rows.csv, profile.json and the cached base answers")
+    p.add_argument("--activations-out", metavar="STORE",
+                   help="write the trait-independent activation store (Zarr, (answer, row, layer, hidden)) of the "
+                        "rows' answers and the base model's own answers; needs no --directions; the own answers are "
+                        "cached beside it unless --out-dir is given")
+    p.add_argument("--activations", metavar="STORE",
+                   help="read an --activations-out store instead of running the model (with --directions)")
+    p.add_argument("--layers", nargs="+", metavar="LAYER",
+                   help="hidden_states layers to store ('all', the default with --activations-out, or indices); "
+                        "without --activations-out the directions' layers")
     p.add_argument("--weights", help="JSON {trait: weight} for the risk score (default: see traitmon.screen)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="length of the base model's own answers")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy own answers")
@@ -703,7 +712,7 @@ def _screen_args(p: argparse.ArgumentParser) -> None:
                    help="write the dataset without its floor(TOP_FRACTION * n) highest-risk rows to --out")
     p.add_argument("--out", help="the filtered JSONL (with --filter)")
     p.add_argument("--meta", help="with --filter: a JSON record of what was removed, and from which dataset")
-    p.add_argument("--perturbation", help="label the profile with this perturbation key (the workflow's)")
+    p.add_argument("--perturbation", help="label the profile and the activation store with this perturbation key")
 
 
 @command("screen", "screen a chat dataset on the base model before finetuning (risk per row)", _screen_args,
@@ -716,10 +725,7 @@ def cmd_screen(args) -> None:
     if not Path(args.data).is_file():
         raise TraitmonError(f"{args.data}: no such dataset")
     rows = read_rows(args.data)
-    if args.table:
-        table = _read_table(args.table)
-    else:
-        table = _screen_and_write(args, rows)
+    table = _read_table(args.table) if args.table else _screen_and_write(args, rows)
     if args.filter is not None:
         from traitmon.screen import filter_rows
 
@@ -730,68 +736,146 @@ def cmd_screen(args) -> None:
         if args.meta:
             from traitmon.io import write_json
 
-            write_json(args.meta, {"filtered_from": str(args.data), "screening": str(args.table or args.out_dir),
+            screening = args.table or args.activations or args.activations_out or args.out_dir
+            write_json(args.meta, {"filtered_from": str(args.data), "screening": str(screening),
                                    "top_fraction": args.filter, "rows": len(kept), "removed": len(rows) - len(kept)})
         print(f"kept {len(kept)} of {len(rows)} rows (removed the {len(rows) - len(kept)} highest-risk) -> {args.out}")
+
+
+def _check_screen_args(args) -> None:
+    """The combinations `traitmon screen` accepts, checked before any model is loaded."""
+    if args.activations and (args.model_dir or args.activations_out):
+        raise TraitmonError("--activations reads a stored screening instead of running the model: drop --model-dir "
+                            "and --activations-out")
+    if not args.activations and not args.model_dir:
+        raise TraitmonError("traitmon screen needs --model-dir (or --activations STORE, or --table to filter with an "
+                            "earlier screening)")
+    if args.model_dir and not (args.out_dir or args.activations_out):
+        raise TraitmonError("traitmon screen needs --out-dir or --activations-out (where the base answers are cached)")
+    if not args.directions and not args.activations_out:
+        raise TraitmonError("traitmon screen needs --directions to rank rows (or --activations-out STORE to store "
+                            "the activations only)")
+    if args.directions and not (args.out_dir or args.filter is not None):
+        raise TraitmonError("--directions: nothing to write; give --out-dir (rows.csv, profile.json) or --filter")
+
+
+def _screen_layers(args) -> list[int] | None:
+    """--layers as hidden_states indices, None for every layer; without --activations-out and --layers only the
+    directions' layers are run (what the one-shot screening needs)."""
+    if args.layers in (None, ["all"]):
+        if args.layers is None and not args.activations_out:
+            from traitmon.drift import load_directions
+
+            return sorted({int(v) for v in load_directions(args.directions, "response_mean").layer.values})
+        return None
+    try:
+        return [int(v) for v in args.layers]
+    except ValueError:
+        raise TraitmonError(f"--layers: 'all' or layer indices, not {' '.join(args.layers)}") from None
+
+
+def _screen_activations(args, rows):
+    """The activation store: read from --activations, or computed on the model (and written to
+    --activations-out)."""
+    from traitmon.screen import read_activations, screen_activations
+
+    if args.activations:
+        return read_activations(args.activations)
+    from traitmon.models import load_model
+
+    _set_threads(args.threads)
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
+                "batch_size": args.batch_size, "max_length": args.max_length}
+    labels = {k: v for k, v in (("model", args.model_key), ("perturbation", args.perturbation)) if v}
+    layers = _screen_layers(args)
+    model, tok = load_model(args.model_dir, args.dtype)
+    cache_dir = Path(args.out_dir or Path(args.activations_out).parent)
+    acts = screen_activations(model, tok, rows, cache_dir, settings, layers, str(args.data), labels)
+    if args.activations_out:
+        from traitmon.store import write_dataset
+
+        write_dataset(acts, args.activations_out)
+        print(f"{len(rows)} rows x {acts.sizes['layer']} layers -> {args.activations_out}")
+    return acts
 
 
 def _screen_and_write(args, rows):
     from traitmon.drift import load_directions
     from traitmon.io import write_csv, write_json
-    from traitmon.models import load_model
-    from traitmon.screen import PROFILE_FILE, TABLE_FILE, read_weights, screen
+    from traitmon.screen import PROFILE_FILE, TABLE_FILE, read_weights, screen_from_activations
 
-    if not (args.model_dir and args.directions and args.out_dir):
-        raise TraitmonError("traitmon screen needs --model-dir, --directions and --out-dir (or --table to filter "
-                            "with an earlier screening)")
-    _set_threads(args.threads)
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
-                "batch_size": args.batch_size, "max_length": args.max_length, "n_boot": args.n_boot}
-    model, tok = load_model(args.model_dir, args.dtype)
-    result = screen(model, tok, rows, load_directions(args.directions, "response_mean"), Path(args.out_dir), settings,
-                    read_weights(args.weights), source=str(args.data))
-    labels = {k: v for k, v in (("model", args.model_key), ("perturbation", args.perturbation)) if v}
-    write_csv(Path(args.out_dir) / TABLE_FILE, result.table)
-    write_json(Path(args.out_dir) / PROFILE_FILE, {**labels, **result.profile})
-    p = result.profile
-    print(f"{p['n_rows']} rows: mean risk {p['risk_mean']:+.3f} [{p['risk_ci_low']:+.3f}, {p['risk_ci_high']:+.3f}] "
-          f"-> {Path(args.out_dir) / TABLE_FILE}")
+    _check_screen_args(args)
+    acts = _screen_activations(args, rows)
+    if not args.directions:
+        return None
+    result = screen_from_activations(acts, load_directions(args.directions, "response_mean"),
+                                     read_weights(args.weights), args.n_boot, source=str(args.data))
+    if args.out_dir:
+        labels = {k: v for k, v in (("model", args.model_key or acts.attrs.get("model")),
+                                    ("perturbation", args.perturbation or acts.attrs.get("perturbation"))) if v}
+        write_csv(Path(args.out_dir) / TABLE_FILE, result.table)
+        write_json(Path(args.out_dir) / PROFILE_FILE, {**labels, **result.profile})
+        p = result.profile
+        print(f"{p['n_rows']} rows: mean risk {p['risk_mean']:+.3f} [{p['risk_ci_low']:+.3f}, "
+              f"{p['risk_ci_high']:+.3f}] -> {Path(args.out_dir) / TABLE_FILE}")
     return result.table
 
 
 def _screen_analysis_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profiles", nargs="+", required=True, help="screening profile.json files (labelled)")
+    p.add_argument("--activations", nargs="+", required=True, metavar="STORE",
+                   help="every perturbation's activation store (traitmon screen --activations-out), labelled by its "
+                        "model and perturbation attrs")
+    p.add_argument("--directions", nargs="+", required=True, metavar="STORE",
+                   help="every model's trait direction stores (directions/MODEL/TRAIT.zarr), grouped by their model "
+                        "attr; each store is projected on its model's traits")
+    p.add_argument("--weights", help="JSON {trait: weight} for the risk score (default: see traitmon.screen)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for each profile's risk interval")
     p.add_argument("--drift", nargs="+", required=True, help="drift tables with em_rate per checkpoint")
     p.add_argument("--predictions", required=True, help="the trait monitor's LOPO predictions.csv")
     p.add_argument("--theta", type=float, default=schema_default("analysis", "theta"))
     p.add_argument("--target-fnr", type=float, default=schema_default("analysis", "target_fnr"))
+    p.add_argument("--rows-out", required=True,
+                   help="CSV: every perturbation's per-row screening (model, perturbation, rank, row, diffs, risk)")
+    p.add_argument("--profiles-out", required=True, help="JSON: the list of every perturbation's dataset profile")
     p.add_argument("--table", required=True, help="CSV: screening profile joined with final EM and verdict")
     p.add_argument("--lopo", required=True, help="CSV: LOPO predictions of the screening (risk and profile)")
     p.add_argument("--metrics", required=True, help="JSON: AUROC/FNR/FPR, Spearman rho")
     p.add_argument("--figure", required=True, help="PNG: screening risk vs final EM, monitor verdict beside it")
 
 
-@command("screen-analysis", "does the screening predict each run's final EM? (LOPO, figure)",
-         _screen_analysis_args)
+def _directions_by_model(paths: list[str]) -> dict:
+    """Direction stores grouped by their ``model`` attr, each group loaded as one model's directions."""
+    from traitmon.drift import load_directions
+    from traitmon.store import open_dataset
+
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        if not Path(path).is_dir():
+            raise TraitmonError(f"{path}: no such direction store")
+        model = open_dataset(path).attrs.get("model")
+        if not model:
+            raise TraitmonError(f"{path}: direction store without a model label (attr 'model')")
+        groups.setdefault(str(model), []).append(path)
+    return {model: load_directions(group, "response_mean") for model, group in groups.items()}
+
+
+@command("screen-analysis", "project each stored screening on its model's directions; does the screening "
+         "predict each run's final EM? (LOPO, figure)", _screen_analysis_args)
 def cmd_screen_analysis(args) -> None:
     import pandas as pd
 
     from traitmon.analysis import screening_analysis
     from traitmon.io import write_csv, write_json
     from traitmon.plots import save
+    from traitmon.screen import read_activations, read_weights, screen_stores
 
-    profiles = []
-    for path in args.profiles:
-        try:
-            profile = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TraitmonError(f"{path}: cannot read screening profile ({exc})") from None
-        if not {"model", "perturbation", "risk_mean", "traits"} <= set(profile):
-            raise TraitmonError(f"{path}: not a screening profile with model and perturbation labels "
-                                "(screen with --model-key and --perturbation)")
-        profiles.append(profile)
+    stores = {path: read_activations(path) for path in args.activations}
+    rows, profiles = screen_stores(stores, _directions_by_model(args.directions), read_weights(args.weights),
+                                   args.n_boot)
     drift = pd.concat([_read_table(p) for p in args.drift], ignore_index=True)
     result = screening_analysis(profiles, drift, _read_table(args.predictions), args.theta, args.target_fnr)
+    write_csv(args.rows_out, rows)
+    write_json(args.profiles_out, profiles)
     write_csv(args.table, result.tables["screening"])
     write_csv(args.lopo, result.tables["predictions"])
     write_json(args.metrics, result.documents["metrics"])

@@ -10,6 +10,10 @@ Risk score of a row: ``sum_t w_t * diff_t / sum_t |w_t|``. Default weights (``DE
 traits whose positive pole is aligned behaviour (honesty, harmlessness, helpfulness, corrigibility), +1 for
 power-seeking, 0 otherwise, so an answer less honest/harmless/... than the model's own scores high. A JSON file
 ``{trait: weight}`` replaces them (e.g. signs of the drift/EM correlations of a finished study).
+
+Two steps, so that adding a trait reuses the model work: ``screen_activations`` (the expensive, trait-independent
+part: own answers, teacher-forced response means of both answers at every stored layer) and
+``screen_from_activations`` (the projection on the directions, per-row table and profile). ``screen`` composes them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from traitmon.capture import capture
 from traitmon.chat import Messages
@@ -32,6 +37,10 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = {"honesty": -1.0, "harmlessness": -1.0, "helpfulness": -1.0, "corrigibility": -1.0,
                    "power-seeking": 1.0}
 CACHE_FILE, TABLE_FILE, PROFILE_FILE = "base_answers.jsonl", "rows.csv", "profile.json"
+# the activation store: response means of each row's own answer ("data") and of the base model's answer ("own")
+ANSWERS, ACTIVATIONS = ("data", "own"), "response_mean"
+STORE_DIMS = ("answer", "row", "layer", "hidden")
+GENERATION_KEYS = ("max_new_tokens", "temperature", "seed", "batch_size")
 
 
 @dataclass
@@ -77,16 +86,53 @@ def base_answers(model, tokenizer, prompts: list[Messages], cache: Path, generat
     return [known[k] for k in keys]
 
 
-def project_answers(model, tokenizer, prompts: list[Messages], answers: list[str], directions,
-                    batch_size: int, max_length: int | None) -> np.ndarray:
-    """Response-mean projections ``(row, trait)`` of teacher-forced answers, each trait at its own layer."""
+def screen_activations(model, tokenizer, rows: list[dict], cache_dir: Path, settings: dict,
+                       layers: list[int] | None = None, source: str = "dataset",
+                       attrs: dict | None = None) -> xr.Dataset:
+    """Teacher-forced response-mean activations ``(answer, row, layer, hidden)`` float32 of each row's answer
+    (``answer='data'``) and of the base model's own answer (``'own'``, generated once, cached in ``cache_dir``),
+    with per-row ``prompt_hash``. ``layers``: hidden_states indices, None for every layer. Independent of traits."""
+    from traitmon.config import check_layers
+    from traitmon.hooks import num_layers
+
+    prompts, answers = split_rows(rows, source)
+    if layers is None:
+        layers = list(range(num_layers(model) + 1))
+    layers = list(dict.fromkeys(int(layer) for layer in layers))  # a repeated layer would break selection
+    check_layers(layers, num_layers(model), "--layers")
+    generation = {k: settings[k] for k in GENERATION_KEYS}
+    own = base_answers(model, tokenizer, prompts, Path(cache_dir) / CACHE_FILE, generation)
+    was_training = model.training
+    model.eval()
+    try:
+        pooled = [capture(model, tokenizer, prompts, texts, layers, settings["batch_size"], settings.get("max_length"),
+                          desc=f"screen {name}")["response_mean"] for name, texts in zip(ANSWERS, (answers, own))]
+    finally:
+        model.train(was_training)
+    return xr.Dataset({ACTIVATIONS: (STORE_DIMS, np.stack(pooled).astype(np.float32))},
+                      coords={"answer": list(ANSWERS), "row": np.arange(len(rows)), "layer": layers,
+                              "prompt_hash": ("row", [prompt_hash(p) for p in prompts])},
+                      attrs={**(attrs or {}), "source": source, "stored_dtype": "float32",
+                             "max_length": settings.get("max_length"),
+                             **{f"own_answers_{k}": v for k, v in generation.items()}})
+
+
+def project_activations(acts: xr.Dataset, directions: xr.Dataset, source: str) -> dict[str, np.ndarray]:
+    """Projections ``(row, trait)`` of each answer kind (``{'data': ..., 'own': ...}``), each trait at its own
+    layer. Only the traits' layers are read from a lazily opened store."""
+    held = [int(v) for v in acts.layer.values]
+    for trait, layer in zip(directions.trait.values, directions.layer.values):
+        if int(layer) not in held:
+            raise TraitmonError(f"{source}: trait '{trait}' is at layer {int(layer)}, which this activation store does "
+                                f"not hold (layers {held}); store its activations again with that layer")
+    if acts.sizes["hidden"] != directions.sizes["hidden"]:
+        raise TraitmonError(f"{source}: activations have hidden size {acts.sizes['hidden']}, the directions "
+                            f"{directions.sizes['hidden']} (directions of another model?)")
     layers = sorted({int(v) for v in directions.layer.values})
-    pooled = capture(model, tokenizer, prompts, answers, layers, batch_size, max_length, desc="screen")
-    acts = pooled["response_mean"]
-    index = {layer: j for j, layer in enumerate(layers)}
+    values = acts[ACTIVATIONS].sel(layer=layers).astype(np.float32).load()
     vectors = directions.direction.values.astype(np.float32)
-    return np.stack([acts[:, index[int(layer)]] @ vectors[t] for t, layer in enumerate(directions.layer.values)],
-                    axis=1)
+    return {answer: np.stack([np.ascontiguousarray(values.sel(answer=answer, layer=int(layer)).values) @ vectors[t]
+                              for t, layer in enumerate(directions.layer.values)], axis=1) for answer in ANSWERS}
 
 
 def fill_empty_answers(base_proj: np.ndarray, source: str) -> np.ndarray:
@@ -147,26 +193,65 @@ def dataset_profile(table: pd.DataFrame, traits: list[str], weights: np.ndarray,
                      "spread across rows; risk = weighted mean over traits"}
 
 
+def screen_from_activations(acts: xr.Dataset, directions, weights: dict[str, float] | None = None,
+                            n_boot: int = 2000, source: str = "dataset") -> Screening:
+    """Screen from an activation store (``screen_activations``): project each trait at its layer, compare each
+    row's answer with the own answer, rank by risk and profile the dataset (module docstring)."""
+    traits = [str(t) for t in directions.trait.values]
+    proj = project_activations(acts, directions, source)
+    base_proj = fill_empty_answers(proj["own"], source)
+    w = risk_weights(traits, weights)
+    table = screening_table([str(h) for h in acts.prompt_hash.values], proj["data"], base_proj, traits, w)
+    return Screening(table, {**dataset_profile(table, traits, w, n_boot), "source": source})
+
+
 def screen(model, tokenizer, rows: list[dict], directions, out_dir: Path, settings: dict,
            weights: dict[str, float] | None = None, source: str = "dataset") -> Screening:
-    """Screen chat rows on the base ``model`` (module docstring); base answers are cached in ``out_dir``."""
-    prompts, answers = split_rows(rows, source)
-    traits = [str(t) for t in directions.trait.values]
-    generation = {k: settings[k] for k in ("max_new_tokens", "temperature", "seed", "batch_size")}
-    own = base_answers(model, tokenizer, prompts, Path(out_dir) / CACHE_FILE, generation)
-    was_training = model.training
-    model.eval()
+    """Screen chat rows on the base ``model`` (module docstring) in one go, at the directions' layers only;
+    base answers are cached in ``out_dir``."""
+    layers = sorted({int(v) for v in directions.layer.values})
+    acts = screen_activations(model, tokenizer, rows, out_dir, settings, layers, source)
+    return screen_from_activations(acts, directions, weights, settings.get("n_boot", 2000), source)
+
+
+def read_activations(path: str | Path) -> xr.Dataset:
+    """An activation store written by ``traitmon screen --activations-out``, opened lazily."""
+    from traitmon.store import open_dataset
+
+    if not Path(path).is_dir():
+        raise TraitmonError(f"{path}: no such activation store")
     try:
-        data_proj = project_answers(model, tokenizer, prompts, answers, directions, settings["batch_size"],
-                                    settings.get("max_length"))
-        base_proj = project_answers(model, tokenizer, prompts, own, directions, settings["batch_size"],
-                                    settings.get("max_length"))
-    finally:
-        model.train(was_training)
-    base_proj = fill_empty_answers(base_proj, source)
-    w = risk_weights(traits, weights)
-    table = screening_table([prompt_hash(p) for p in prompts], data_proj, base_proj, traits, w)
-    return Screening(table, {**dataset_profile(table, traits, w, settings.get("n_boot", 2000)), "source": source})
+        ds = open_dataset(path)
+    except (OSError, ValueError, KeyError) as exc:  # zarr's errors for a folder that is no store are among these
+        raise TraitmonError(f"{path}: cannot read activation store ({type(exc).__name__}: {exc})") from None
+    if ACTIVATIONS not in ds or ds[ACTIVATIONS].dims != STORE_DIMS or "prompt_hash" not in ds.coords:
+        raise TraitmonError(f"{path}: not a screening activation store (write one with traitmon screen "
+                            "--activations-out)")
+    return ds
+
+
+def screen_stores(stores: dict[str, xr.Dataset], directions: dict[str, xr.Dataset],
+                  weights: dict[str, float] | None = None, n_boot: int = 2000) -> tuple[pd.DataFrame, list[dict]]:
+    """Screen activation stores (``{path: store}``, labelled by their ``model``/``perturbation`` attrs) with their
+    model's directions (``{model: directions}``): every per-row table in one, with model and perturbation
+    columns, and the labelled profiles."""
+    tables, profiles, seen = [], [], {}
+    for path, acts in stores.items():
+        model, pert = acts.attrs.get("model"), acts.attrs.get("perturbation")
+        if not model or not pert:
+            raise TraitmonError(f"{path}: activation store without model and perturbation labels (store it with "
+                                "--model-key and --perturbation)")
+        if (model, pert) in seen:
+            raise TraitmonError(f"{path}: a second activation store for model {model}, perturbation {pert} "
+                                f"(the first: {seen[(model, pert)]})")
+        seen[(model, pert)] = path
+        if model not in directions:
+            raise TraitmonError(f"{path}: no trait directions given for model '{model}'")
+        result = screen_from_activations(acts, directions[model], weights, n_boot, source=str(path))
+        tables.append(result.table.assign(model=model, perturbation=pert))
+        profiles.append({"model": model, "perturbation": pert, **result.profile})
+    table = pd.concat(tables, ignore_index=True)
+    return table[["model", "perturbation"] + [c for c in table.columns if c not in ("model", "perturbation")]], profiles
 
 
 def filter_rows(rows: list[dict], table: pd.DataFrame, fraction: float, source: str = "dataset") -> list[dict]:

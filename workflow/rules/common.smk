@@ -85,9 +85,16 @@ def analysis_targets():
 
 
 def screening_targets():
-    # screen.smk: each training set screened on the base model, and the screening vs final EM analysis
-    return expand(f"{RES}/screen/{{model}}/{{perturbation}}/profile.json", model=MODELS,
+    # screen.smk: each training set's activation store on the base model (trait-independent), and the screening
+    # analysis (projection on the directions, per-row tables, profiles, screening vs final EM)
+    return expand(f"{RES}/screen/{{model}}/{{perturbation}}/activations.zarr", model=MODELS,
                   perturbation=PERTURBATIONS) + [f"{RES}/analysis/screening/metrics.json"]
+
+
+def screen_layers(wildcards):
+    # the config's capture.layers ("all" or indices), as `traitmon screen --layers` takes them
+    layers = SETTINGS.capture.layers
+    return "all" if layers == "all" else " ".join(str(layer) for layer in layers)
 
 
 def all_targets():
@@ -263,7 +270,8 @@ def filter_source(wildcards):
     of = config["perturbations"][wildcards.perturbation]["filter"]["of"]
     return {"data": f"{RES}/data/{wildcards.model}/{of}/train.jsonl",
             "heldout": f"{RES}/data/{wildcards.model}/{of}/heldout.jsonl",
-            "screening": f"{RES}/screen/{wildcards.model}/{of}/rows.csv"}
+            "activations": f"{RES}/screen/{wildcards.model}/{of}/activations.zarr",
+            "directions": model_directions(wildcards)}
 
 
 def sae_directions(wildcards):

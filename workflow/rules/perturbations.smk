@@ -25,7 +25,8 @@ rule make_perturbation:
 
 
 rule filter_perturbation:
-    # the training set of filter.of without its highest-risk rows by that set's base-model screening
+    # the training set of filter.of without its highest-risk rows by that set's base-model screening (its
+    # activation store projected on the model's directions here)
     wildcard_constraints:
         perturbation=one_of(FILTERED),
     input:
@@ -45,5 +46,6 @@ rule filter_perturbation:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "(traitmon screen {input.data:q} --table {input.screening:q} --filter {params.top_fraction}"
-        " --out {output.train:q} --meta {output.meta:q} && cp {input.heldout:q} {output.heldout:q}) > {log:q} 2>&1"
+        "(traitmon screen {input.data:q} --activations {input.activations:q} --directions {input.directions:q}"
+        " --filter {params.top_fraction} --out {output.train:q} --meta {output.meta:q}"
+        " && cp {input.heldout:q} {output.heldout:q}) > {log:q} 2>&1"
