@@ -23,6 +23,7 @@ include: "workflow/rules/capture.smk"
 include: "workflow/rules/behavior.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/screen.smk"
+include: "workflow/rules/guard.smk"
 
 
 rule all:

@@ -19,7 +19,7 @@ _LAZY = {"MonitorBundle": "bundle", "build_bundle": "bundle", "model_fingerprint
          "StudySettings": "settings", "study_settings": "settings", "ModelSettings": "settings",
          "DirectionSettings": "settings", "SteeringSettings": "settings", "FinetuneSettings": "settings",
          "CaptureSettings": "settings", "BehaviorSettings": "settings", "AnalysisSettings": "settings",
-         "JudgeSettings": "settings", "TraitmonError": "errors"}
+         "JudgeSettings": "settings", "GuardSettings": "settings", "make_guard": "guard", "TraitmonError": "errors"}
 
 __all__ = [
     "LAYER_CONVENTION",
@@ -30,6 +30,7 @@ __all__ = [
     "DirectionSettings",
     "FinetuneSettings",
     "FittedMonitor",
+    "GuardSettings",
     "JudgeSettings",
     "ModelSettings",
     "MonitorBundle",
@@ -45,6 +46,7 @@ __all__ = [
     "load_config",
     "load_model",
     "lora_config",
+    "make_guard",
     "model_fingerprint",
     "study_settings",
     "watch",

@@ -76,7 +76,9 @@ class TraitMonitorCallback(TrainerCallback):
         self.history.append(result)
         logs = {f"traitmon/{k}": float(v) for k, v in result.items() if k != "step"}
         if self.trainer is not None:
-            self.trainer.log(logs)
+            should_log = control.should_log
+            self.trainer.log(logs)  # clears control.should_log (Trainer's on_log): this step's own loss would go
+            control.should_log = should_log  # unlogged, and the next logged loss would average two steps
         else:
             state.log_history.append({**logs, "step": state.global_step})
         if self.store is not None:

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from traitmon.errors import TraitmonError
 from traitmon.settings import (
+    GUARD_BUNDLE,
     MODEL_DTYPE,
     AnalysisSettings,
     BehaviorSettings,
     CaptureSettings,
     DirectionSettings,
     FinetuneSettings,
+    GuardBundleSettings,
     SteeringSettings,
     build,
     model_dtype_default,
@@ -220,10 +222,24 @@ def cmd_finetune(args) -> None:
     from traitmon.perturbations import read_rows
 
     _set_threads(args.threads)
-    settings, extra = parse_settings(args.settings, FinetuneSettings, MODEL_DTYPE)
+    settings, extra = parse_settings(args.settings, FinetuneSettings, MODEL_DTYPE, optional=(GUARD_BUNDLE,))
+    train, heldout = read_rows(args.train), read_rows(args.heldout)  # bad rows fail before the guard's bundle
     general = yaml.safe_load(data_path("prompts", "general_text.yaml").read_text())["chats"]
-    finetune(args.model_dir, read_rows(args.train), read_rows(args.heldout), general, settings, args.out,
-             extra[MODEL_DTYPE])
+    finetune(args.model_dir, train, heldout, general, settings, args.out, extra[MODEL_DTYPE],
+             guard=_guard(args.model_dir, settings, extra))
+
+
+def _guard(model_dir: str, settings: FinetuneSettings, extra: dict):
+    """The finetune's guard when its settings have one; it needs the blob's ``guard_bundle`` to build its bundle."""
+    from traitmon.guard import make_guard
+
+    if (settings.guard is None) != (GUARD_BUNDLE not in extra):
+        raise TraitmonError(f"--settings: 'guard' and '{GUARD_BUNDLE}' go together (the guard's monitor, and the "
+                            "directions, trait files and capture settings its bundle is built from)")
+    if settings.guard is None:
+        return None
+    inputs = build(GuardBundleSettings, extra[GUARD_BUNDLE], f"--settings: {GUARD_BUNDLE}")
+    return make_guard(model_dir, settings.guard, inputs, extra[MODEL_DTYPE])
 
 
 def _capture_args(p: argparse.ArgumentParser) -> None:
@@ -880,6 +896,36 @@ def cmd_screen_analysis(args) -> None:
     write_csv(args.lopo, result.tables["predictions"])
     write_json(args.metrics, result.documents["metrics"])
     save(result.figures["screening_vs_em"], args.figure)
+
+
+def _guard_comparison_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--behavior", nargs="+", required=True, help="em_scores.csv of the primary judge, per model")
+    p.add_argument("--runs", nargs="+", required=True, help="MODEL:PERTURBATION=run.json, guarded runs and twins")
+    p.add_argument("--eval-logs", nargs="+", required=True, help="MODEL:PERTURBATION=eval_log.csv, the same runs")
+    p.add_argument("--pairs", nargs="+", required=True, help="GUARDED=TWIN (TWIN empty: no unguarded twin)")
+    p.add_argument("--out", required=True, help="guard.csv")
+
+
+@command("guard-comparison", "guarded finetunes against their unguarded twins: final EM rate, held-out loss",
+         _guard_comparison_args)
+def cmd_guard_comparison(args) -> None:
+    import pandas as pd
+
+    from traitmon.guard import comparison_table, read_run
+    from traitmon.io import write_csv
+
+    def keyed(items: list[str], flag: str) -> dict[tuple[str, str], str]:
+        pairs = _pairs(items, "=", flag, "MODEL:PERTURBATION=PATH")
+        bad = [k for k in pairs if k.count(":") != 1]
+        if bad:
+            raise TraitmonError(f"{flag}: {bad[0]!r} is not of the form MODEL:PERTURBATION")
+        return {tuple(k.split(":")): path for k, path in pairs.items()}
+
+    em = pd.concat([_read_table(path) for path in args.behavior], ignore_index=True)
+    runs = {k: read_run(path) for k, path in keyed(args.runs, "--runs").items()}
+    eval_logs = {k: _read_table(path) for k, path in keyed(args.eval_logs, "--eval-logs").items()}
+    pairs = {g: t or None for g, t in _pairs(args.pairs, "=", "--pairs", "GUARDED=TWIN").items()}
+    write_csv(args.out, comparison_table(pairs, em, runs, eval_logs))
 
 
 def _judge_agreement_args(p: argparse.ArgumentParser) -> None:

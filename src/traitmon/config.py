@@ -56,6 +56,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     _check_trait_dirs(config["trait_dirs"], source)
     _check_checkpoint_steps(config["finetune"], source)
     _check_filters(config["perturbations"], source)
+    _check_guards(config, source)
     load_traits(config["traits"], config["trait_dirs"])
     return config
 
@@ -85,6 +86,16 @@ def _check_filters(perturbations: dict, source: str) -> None:
         if "filter" in perturbations[of]:
             raise TraitmonError(f"{source}: perturbations.{key}.filter.of: '{of}' is itself filtered; "
                                 f"filter a dataset or generator perturbation")
+
+
+def _check_guards(config: dict, source: str) -> None:
+    # A guarded finetune reads its monitor when it starts: a missing one must stop the study before any job.
+    guards = {"finetune.guard": config["finetune"].get("guard")}
+    guards.update({f"perturbations.{k}.guard": spec.get("guard") for k, spec in config["perturbations"].items()})
+    for key, guard in guards.items():
+        if isinstance(guard, dict) and not Path(guard["monitor"]).is_file():
+            raise TraitmonError(f"{source}: {key}.monitor: file '{guard['monitor']}' does not exist (a monitor.json "
+                                "fitted by an earlier study's analysis, e.g. results/analysis/monitor/monitor.json)")
 
 
 def check_study(config: dict, source: str = "config") -> None:

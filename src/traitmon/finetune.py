@@ -31,9 +31,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from traitmon.chat import IGNORE_INDEX, AssistantOnlyCollator, encode_training_example
 from traitmon.config import checkpoint_steps  # lives in config: the workflow imports it without torch
 from traitmon.errors import TraitmonError
+from traitmon.guard import GUARD_RECORD, Guard, GuardOutcome, prepare_store, settle
 from traitmon.io import atomic_path, stable_hash, write_csv, write_json
 from traitmon.models import load_model, model_info
-from traitmon.settings import FinetuneSettings, as_dict
+from traitmon.settings import FinetuneSettings, finetune_dict
 
 log = logging.getLogger(__name__)
 STATE_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a published checkpoint holds
@@ -204,7 +205,7 @@ def run_identity(model_dir: str | Path, train_rows: list[dict], heldout_rows: li
     import peft
     import transformers
 
-    return stable_hash({"settings": as_dict(settings), "train": train_rows, "heldout": heldout_rows,
+    return stable_hash({"settings": finetune_dict(settings), "train": train_rows, "heldout": heldout_rows,
                         "general": general_chats,
                         "model": model_info(model_dir), "dtype": dtype,
                         "versions": [transformers.__version__, peft.__version__, torch.__version__]})
@@ -226,27 +227,62 @@ def _peft_model(model_dir: str | Path, settings: FinetuneSettings, dtype: str):
     return get_peft_model(model, lora_config(settings)), tok
 
 
-def _publish(out_dir: Path, work: Path, steps: list[int], recorder: FinetuneRecorder) -> None:
+def _publish(out_dir: Path, work: Path, steps: list[int], recorder: FinetuneRecorder,
+             guarded: GuardOutcome | None = None) -> None:
+    """Each checkpoint's adapter from its state (or, where the guard filled it, from the kept adapter, with the
+    guard's note), then the logs."""
+    sources = {step: work / f"state-{step}" for step in steps} | (guarded.sources if guarded else {})
+    notes = guarded.notes if guarded else {}
     for step in steps:
         with atomic_path(out_dir / f"checkpoint-{step}") as tmp:
             tmp.mkdir()
             for name in STATE_FILES:
-                shutil.copy2(work / f"state-{step}" / name, tmp / name)
+                shutil.copy2(sources[step] / name, tmp / name)
+            if step in notes:
+                write_json(tmp / GUARD_RECORD, notes[step])
     write_csv(out_dir / "train_log.csv", pd.DataFrame(recorder.train_log))
     write_csv(out_dir / "eval_log.csv", pd.DataFrame(recorder.eval_log))
+
+
+@dataclass
+class _Run:
+    """A finetune ready to train: the peft model, its tokenizer and the encoded data."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    collator: AssistantOnlyCollator
+    train: list[dict]
+    heldout: list[dict]
+    general: list[dict]
+
+    def evaluate(self, step: int, settings: FinetuneSettings) -> dict:
+        """The eval-log row of the adapter now in the model: held-out loss and general-text perplexity."""
+        args = (self.collator, settings.micro_batch * 2, settings)
+        return {"step": step, "heldout_loss": mean_token_nll(self.model, self.heldout, *args),
+                "general_ppl": math.exp(mean_token_nll(self.model, self.general, *args))}
+
+
+def _prepare(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict], general_chats: list[dict],
+             settings: FinetuneSettings, name: str, model_dtype: str) -> _Run:
+    model, tok = _peft_model(model_dir, settings, model_dtype)
+    return _Run(model, tok, AssistantOnlyCollator(tok.pad_token_id),
+                encode_rows(tok, train_rows, settings, f"{name}: train"),
+                encode_rows(tok, heldout_rows, settings, f"{name}: heldout"),
+                encode_rows(tok, _general_rows(general_chats), settings, "general chats"))
 
 
 def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict], general_chats: list[dict],
              settings: FinetuneSettings, out_dir: str | Path, model_dtype: str = "auto",
              step_callback: Callable[[int, dict], None] | None = None,
-             callbacks: list[TrainerCallback] | None = None) -> dict:
+             callbacks: list[TrainerCallback] | None = None, guard: Guard | None = None) -> dict:
     """Train a LoRA adapter; write ``checkpoint-{step}/``, ``train_log.csv``, ``eval_log.csv``, ``run.json``.
 
     ``eval_log`` has, for step 0 and each checkpoint, the loss on held-out rows of the perturbation and the
     perplexity on general chats (the baselines the paper finds blind to EM). ``step_callback(step, row)``
     runs after each optimizer step (used by tests to interrupt a run); ``callbacks`` are further
-    ``TrainerCallback``s (a live ``TraitMonitorCallback``, for instance). The perturbation is named after
-    ``out_dir`` in errors.
+    ``TrainerCallback``s (a live ``TraitMonitorCallback``, for instance). ``guard`` (``traitmon.guard``) watches
+    the run and may end it early; the checkpoints it no longer reaches are then filled (see ``traitmon.guard``)
+    and ``guard.json`` is written beside ``run.json``. The perturbation is named after ``out_dir`` in errors.
     """
     from transformers import Trainer
 
@@ -254,18 +290,12 @@ def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[d
     check_split(out_dir.name, train_rows, heldout_rows)
     work.mkdir(parents=True, exist_ok=True)
     run_hash = run_identity(model_dir, train_rows, heldout_rows, general_chats, settings, model_dtype)
-    model, tok = _peft_model(model_dir, settings, model_dtype)
-    collator = AssistantOnlyCollator(tok.pad_token_id)
-    train = encode_rows(tok, train_rows, settings, f"{out_dir.name}: train")
-    heldout = encode_rows(tok, heldout_rows, settings, f"{out_dir.name}: heldout")
-    general = encode_rows(tok, _general_rows(general_chats), settings, "general chats")
+    run = _prepare(model_dir, train_rows, heldout_rows, general_chats, settings, out_dir.name, model_dtype)
+    checkpoints = checkpoint_steps(settings)
 
     def evaluate(step: int) -> dict:
-        batch = settings.micro_batch * 2
-        return {"step": step, "heldout_loss": mean_token_nll(model, heldout, collator, batch, settings),
-                "general_ppl": math.exp(mean_token_nll(model, general, collator, batch, settings))}
+        return run.evaluate(step, settings)
 
-    checkpoints = checkpoint_steps(settings)
     recorder = FinetuneRecorder(checkpoints, work, run_hash, evaluate, step_callback=step_callback)
     state, resumed_from = latest_state(work, run_hash), 0
     if state is None:
@@ -275,16 +305,30 @@ def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[d
         info = json.loads((state / "state.json").read_text())
         recorder.train_log, recorder.eval_log, resumed_from = info["train_log"], info["eval_log"], info["step"]
         log.info("resuming %s from step %d", out_dir, resumed_from)
-    device = next(model.parameters()).device
-    trainer = Trainer(model=model, args=training_arguments(settings, work, use_cpu=device.type == "cpu"),
-                      train_dataset=train, data_collator=collator, callbacks=[recorder, *(callbacks or [])])
+    device = next(run.model.parameters()).device
+    trainer = Trainer(model=run.model, args=training_arguments(settings, work, use_cpu=device.type == "cpu"),
+                      train_dataset=run.train, data_collator=run.collator, callbacks=[recorder, *(callbacks or [])])
+    if guard is not None:
+        prepare_store(guard, out_dir, resumed_from)
+        guard.callback.attach(trainer)  # after the recorder: a checkpoint is evaluated before the guard acts
     trainer.train(resume_from_checkpoint=str(state) if state is not None else None)
-    _publish(out_dir, work, checkpoints, recorder)
+    guarded = (settle(guard, run.model, checkpoints, work, recorder.eval_log, evaluate, resumed_from)
+               if guard is not None else None)
+    _publish(out_dir, work, checkpoints, recorder, guarded)
     summary = {"run_hash": run_hash, "checkpoints": checkpoints, "max_steps": settings.max_steps,
-               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
                "resumed_from": resumed_from,
                "final_loss": recorder.train_log[-1]["loss"] if recorder.train_log else None, "device": str(device)}
+    if guarded is not None:
+        _finish_guarded(out_dir, work, guarded, summary)
     write_json(out_dir / "run.json", summary)
     if not settings.keep_states:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _finish_guarded(out_dir: Path, work: Path, guarded: GuardOutcome, summary: dict) -> None:
+    write_json(out_dir / GUARD_RECORD, guarded.record)
+    summary["guard"] = guarded.summary
+    for step in guarded.sources:  # states saved after the guard acted are not training states: never resume one
+        shutil.rmtree(work / f"state-{step}", ignore_errors=True)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from traitmon.errors import TraitmonError
 
 MODEL_DTYPE = "model_dtype"  # the one name of the model's dtype in every settings blob
+GUARD_BUNDLE = "guard_bundle"  # a guarded finetune's blob: what it builds its monitor bundle from
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,29 @@ class SteeringSettings:
 
 
 @dataclass(frozen=True)
+class GuardSettings:
+    """``finetune.guard`` or a perturbation's ``guard``: the fitted monitor that watches a finetune and what it
+    does after ``patience`` alarming checks in a row (``traitmon.callbacks.TraitMonitorCallback``)."""
+
+    monitor: str  # a monitor.json fitted by an earlier study's analysis
+    on_alarm: str  # rollback, stop or warn
+    every: int
+    patience: int
+
+
+@dataclass(frozen=True)
+class GuardBundleSettings:
+    """What a guarded finetune builds its monitor bundle from, as rule ``monitor_bundle`` does: the model's trait
+    directions, the capture settings and the analysis variant (the blob's ``guard_bundle``)."""
+
+    model_key: str
+    directions: tuple[str, ...]
+    per_trait_questions: int
+    variant: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class FinetuneSettings:
     """The ``finetune`` section: LoRA and Trainer settings."""
 
@@ -77,6 +101,7 @@ class FinetuneSettings:
     precision: str
     gradient_checkpointing: bool
     keep_states: bool
+    guard: GuardSettings | None = None  # optional in the schema: unguarded
 
 
 @dataclass(frozen=True)
@@ -181,7 +206,8 @@ class StudySettings:
 
 S = TypeVar("S")
 # sub-sections that are dataclasses of their own: (section class, key) -> class
-NESTED = {("AnalysisSettings", "sae"): SaeSettings, ("BehaviorSettings", "generation"): GenerationSettings}
+NESTED = {("AnalysisSettings", "sae"): SaeSettings, ("BehaviorSettings", "generation"): GenerationSettings,
+          ("FinetuneSettings", "guard"): GuardSettings}
 SECTIONS = {"directions": DirectionSettings, "steering": SteeringSettings, "finetune": FinetuneSettings,
             "capture": CaptureSettings, "behavior": BehaviorSettings, "analysis": AnalysisSettings}
 
@@ -227,15 +253,33 @@ def settings_json(settings: Any, **extra: Any) -> str:
     return json.dumps({**as_dict(settings), **extra}, sort_keys=True)
 
 
-def parse_settings(text: str, cls: type[S], *extra: str, flag: str = "--settings") -> tuple[S, dict]:
-    """Parse a ``--settings`` blob into ``cls``; return it with the ``extra`` keys it must also carry."""
+def finetune_dict(settings: FinetuneSettings) -> dict:
+    """The finetune section as plain data, without ``guard`` when the run is unguarded: an unguarded run's blob
+    and run identity are then exactly those of the runs made before guards existed, so they are not rerun."""
+    values = as_dict(settings)
+    if values.get("guard") is None:
+        values.pop("guard", None)
+    return values
+
+
+def finetune_json(settings: FinetuneSettings, **extra: Any) -> str:
+    """The finetune rule's ``--settings`` blob (``settings_json`` less an unset ``guard``)."""
+    return json.dumps({**finetune_dict(settings), **extra}, sort_keys=True)
+
+
+def parse_settings(text: str, cls: type[S], *extra: str, flag: str = "--settings",
+                   optional: tuple[str, ...] = ()) -> tuple[S, dict]:
+    """Parse a ``--settings`` blob into ``cls``; return it with the ``extra`` keys it must also carry and the
+    ``optional`` ones it does carry."""
     from traitmon.io import parse_jsonl_line  # the one "a JSON object, or a one-line error" parser
 
     values = parse_jsonl_line(text, flag)
     missing = [k for k in extra if k not in values]
     if missing:
         raise TraitmonError(f"{flag}: missing key '{missing[0]}'")
-    return build(cls, {k: v for k, v in values.items() if k not in extra}, flag), {k: values[k] for k in extra}
+    others = set(extra) | set(optional)
+    return (build(cls, {k: v for k, v in values.items() if k not in others}, flag),
+            {k: values[k] for k in (*extra, *optional) if k in values})
 
 
 @functools.cache

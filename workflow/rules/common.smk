@@ -1,4 +1,5 @@
 # Config validation, wildcard constraints and target lists. No rules here.
+import dataclasses
 import json
 import os
 import re
@@ -7,7 +8,8 @@ from pathlib import Path
 
 from traitmon.config import check_study, checkpoint_steps, validate_config
 from traitmon.errors import TraitmonError
-from traitmon.settings import MODEL_DTYPE, as_dict, settings_json, study_settings
+from traitmon.guard import guarded_runs, unguarded_twin
+from traitmon.settings import GUARD_BUNDLE, MODEL_DTYPE, as_dict, finetune_json, settings_json, study_settings
 from traitmon.traits import trait_file
 
 CONFIG_SOURCE = "config (config.yaml and --config/--configfile)"
@@ -25,6 +27,9 @@ RES = config["results"]  # the results root; every path below is built from it
 PERTURBATIONS = list(config["perturbations"])
 # training sets filtered from another perturbation's by its screening (rule filter_perturbation)
 FILTERED = [p for p, spec in config["perturbations"].items() if "filter" in spec]
+# guarded finetunes (finetune.guard, or a perturbation's own guard) and, for each, its unguarded twin or None
+GUARDS = guarded_runs(config["perturbations"], SETTINGS.finetune.guard)
+TWINS = {p: unguarded_twin(config["perturbations"], p, GUARDS) for p in GUARDS}
 
 
 def one_of(keys):
@@ -97,8 +102,13 @@ def screen_layers(wildcards):
     return "all" if layers == "all" else " ".join(str(layer) for layer in layers)
 
 
+def guard_targets():
+    # guard.smk: only a study with guarded runs has the comparison (so a finished unguarded study stays finished)
+    return [f"{RES}/analysis/guard/guard.csv"] if GUARDS else []
+
+
 def all_targets():
-    return direction_targets() + capture_targets() + behavior_targets() + analysis_targets()
+    return direction_targets() + capture_targets() + behavior_targets() + analysis_targets() + guard_targets()
 
 
 # ---- input and params helpers (rules stay free of lambdas) -------------------------------------
@@ -127,7 +137,9 @@ def steering_settings(wildcards):
 
 
 def perturbation_spec(wildcards):
-    return json.dumps(config["perturbations"][wildcards.perturbation], sort_keys=True)
+    # the guard acts on the finetune, not on the data: a guarded run and its twin get the same data and spec hash
+    spec = config["perturbations"][wildcards.perturbation]
+    return json.dumps({k: v for k, v in spec.items() if k != "guard"}, sort_keys=True)
 
 
 def perturbation_model(wildcards):
@@ -151,7 +163,58 @@ def user_dataset(wildcards):
 
 
 def finetune_settings(wildcards):
-    return settings_json(SETTINGS.finetune, **model_dtype_of(wildcards))
+    # an unguarded run's blob has no guard key: the blob of the runs made before guards existed (not rerun)
+    guard = GUARDS.get(wildcards.perturbation)
+    extra = {GUARD_BUNDLE: guard_bundle(wildcards)} if guard else {}
+    return finetune_json(dataclasses.replace(SETTINGS.finetune, guard=guard), **model_dtype_of(wildcards), **extra)
+
+
+def guard_bundle(wildcards):
+    # what a guarded finetune builds its monitor bundle from: rule monitor_bundle's inputs and settings
+    return {"model_key": wildcards.model, "directions": model_directions(wildcards),
+            "per_trait_questions": SETTINGS.capture.per_trait_questions,
+            "variant": SETTINGS.analysis.variant, "batch_size": SETTINGS.capture.batch_size}
+
+
+# a guarded finetune's extra inputs; an unguarded one gets none (its inputs are those of before guards existed)
+def guard_monitor(wildcards):
+    guard = GUARDS.get(wildcards.perturbation)
+    return guard.monitor if guard else []
+
+
+def guard_directions(wildcards):
+    return model_directions(wildcards) if wildcards.perturbation in GUARDS else []
+
+
+def guard_compared():
+    # the guarded perturbations and their twins, in config order
+    twins = {t for t in TWINS.values() if t}
+    return [p for p in PERTURBATIONS if p in GUARDS or p in twins]
+
+
+def guard_run_files(wildcards):
+    return [f"{RES}/finetune/{m}/{p}/run.json" for m in MODELS for p in guard_compared()]
+
+
+def guard_eval_logs(wildcards):
+    return [f"{RES}/finetune/{m}/{p}/eval_log.csv" for m in MODELS for p in guard_compared()]
+
+
+def guard_keyed(paths):
+    # MODEL:PERTURBATION=PATH, in the order of guard_run_files / guard_eval_logs
+    return [f"{m}:{p}={path}" for (m, p), path in zip([(m, p) for m in MODELS for p in guard_compared()], paths)]
+
+
+def guard_runs_arg(wildcards, input):
+    return guard_keyed(input.runs)
+
+
+def guard_eval_logs_arg(wildcards, input):
+    return guard_keyed(input.eval_logs)
+
+
+def guard_pairs(wildcards):
+    return [f"{g}={TWINS[g] or ''}" for g in GUARDS]
 
 
 def capture_settings(wildcards):

@@ -5,6 +5,10 @@ rule finetune:
         model=f"{RES}/models/{{model}}",
         train=f"{RES}/data/{{model}}/{{perturbation}}/train.jsonl",
         heldout=f"{RES}/data/{{model}}/{{perturbation}}/heldout.jsonl",
+        # a guarded run's monitor and bundle sources (finetune.guard); none for an unguarded run, whose inputs,
+        # params and command are those of before guards existed. The guard travels in the settings blob.
+        guard_monitor=guard_monitor,
+        guard_directions=guard_directions,
     output:
         **finetune_checkpoint_dirs(),  # checkpoint_10=..., one named directory per configured step
         train_log=f"{RES}/finetune/{{model}}/{{perturbation}}/train_log.csv",
