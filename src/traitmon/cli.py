@@ -843,7 +843,7 @@ def _screen_analysis_args(p: argparse.ArgumentParser) -> None:
                         "model and perturbation attrs")
     p.add_argument("--directions", nargs="+", required=True, metavar="STORE",
                    help="every model's trait direction stores (directions/MODEL/TRAIT.zarr), grouped by their model "
-                        "attr; each store is projected on its model's traits")
+                        "attr; each activation store is projected on the directions of its model")
     p.add_argument("--weights", help="JSON {trait: weight} for the risk score (default: see traitmon.screen)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for each profile's risk interval")
     p.add_argument("--drift", nargs="+", required=True, help="drift tables with em_rate per checkpoint")

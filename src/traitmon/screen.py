@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = {"honesty": -1.0, "harmlessness": -1.0, "helpfulness": -1.0, "corrigibility": -1.0,
                    "power-seeking": 1.0}
 CACHE_FILE, TABLE_FILE, PROFILE_FILE = "base_answers.jsonl", "rows.csv", "profile.json"
-# the activation store: response means of each row's own answer ("data") and of the base model's answer ("own")
+# the activation store: response means of each row's answer ("data") and of the base model's own answer ("own")
 ANSWERS, ACTIVATIONS = ("data", "own"), "response_mean"
 STORE_DIMS = ("answer", "row", "layer", "hidden")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "seed", "batch_size")
