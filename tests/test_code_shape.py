@@ -40,7 +40,7 @@ def test_commands_register_their_options_beside_them_and_share_the_common_ones()
     from traitmon.cli import COMMANDS, build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["capture", "--model-dir", "m", "--model-key", "k", "--trait-file", "t.yaml",
+    args = parser.parse_args(["capture", "--model-dir", "m", "--model-key", "k",
                               "--settings", "{}", "--out", "o.zarr", "--threads", "3"])
     assert (args.func.__name__, args.threads, args.model_dir, args.step) == ("cmd_capture", 3, "m", 0)
     args = parser.parse_args(["perturbation", "--key", "p", "--spec", "{}", "--train", "a", "--heldout", "b",
