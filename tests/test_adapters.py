@@ -105,16 +105,14 @@ def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_
 
     from traitmon.cli import main
     from traitmon.drift import drift_scale, load_directions, project
-    from traitmon.io import data_path
     from traitmon.store import open_dataset
     from traitmon.watcher import watch
 
     traits, layers, steps, batch = ["honesty", "sycophancy", "power-seeking"], [4, 8, 12], 2, 8
-    trait_files = [str(data_path("traits", f"{t}.yaml")) for t in traits]
     directions = _random_direction_stores(tmp_path, traits, layers, hidden=576)
     bundle_dir = tmp_path / "bundle"
     assert main(["bundle", "--model-dir", str(smollm2_dir), "--model-key", "smollm2", "--directions", *directions,
-                 "--trait-file", *trait_files, "--per-trait-questions", "1", "--dtype", "bfloat16",
+                 "--per-trait-questions", "1", "--dtype", "bfloat16",
                  "--batch-size", str(batch), "--out", str(bundle_dir)]) == 0
     bundle, live = _train_with_callback(smollm2_dir, bundle_dir, tmp_path / "run", steps)
     paths = {"callback": np.array([live[f"drift_{t}"] for t in traits])}
@@ -127,8 +125,8 @@ def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_
     stores = {}
     for name, extra in (("base", []), ("ckpt", ["--adapter", str(tmp_path / f"run/checkpoint-{steps}")])):
         stores[name] = tmp_path / f"{name}.zarr"
-        assert main(["capture", "--model-dir", str(smollm2_dir), "--model-key", "smollm2", "--trait-file",
-                     *trait_files, "--settings", json.dumps(settings), "--out", str(stores[name]), "--step",
+        assert main(["capture", "--model-dir", str(smollm2_dir), "--model-key", "smollm2",
+                     "--settings", json.dumps(settings), "--out", str(stores[name]), "--step",
                      "0", *extra]) == 0
     dirs = load_directions(directions, "response_mean")
     proj = {k: project(open_dataset(p, load=True)["response_mean"], dirs) for k, p in stores.items()}
