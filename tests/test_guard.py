@@ -238,6 +238,10 @@ def test_a_never_alarming_guard_gives_the_unguarded_adapters(tiny_model_dir, gua
     logs = {name: pd.read_csv(tmp_path / name / "train_log.csv") for name in ("guarded", "plain")}
     assert list(logs["guarded"].step) == list(logs["plain"].step) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose(logs["guarded"].loss, logs["plain"].loss, rtol=1e-5)
+    # the same folder trained again without the guard keeps no guard record of the run it replaced
+    run_cli_finetune(tiny_model_dir, guard_inputs, tmp_path / "guarded", None)
+    assert not (tmp_path / "guarded" / "guard.json").exists()
+    assert not (tmp_path / "guarded" / "guard_drift.zarr").exists()
 
 
 def test_a_guard_without_its_bundle_sources_is_refused(tiny_model_dir, guard_inputs, tmp_path, capsys):

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from traitmon.chat import IGNORE_INDEX, AssistantOnlyCollator, encode_training_example
 from traitmon.config import checkpoint_steps  # lives in config: the workflow imports it without torch
 from traitmon.errors import TraitmonError
-from traitmon.guard import GUARD_RECORD, Guard, GuardOutcome, prepare_store, settle
+from traitmon.guard import GUARD_RECORD, Guard, GuardOutcome, clear_records, prepare_store, settle
 from traitmon.io import atomic_path, stable_hash, write_csv, write_json
 from traitmon.models import load_model, model_info
 from traitmon.settings import FinetuneSettings, finetune_dict
@@ -308,7 +308,9 @@ def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[d
     device = next(run.model.parameters()).device
     trainer = Trainer(model=run.model, args=training_arguments(settings, work, use_cpu=device.type == "cpu"),
                       train_dataset=run.train, data_collator=run.collator, callbacks=[recorder, *(callbacks or [])])
-    if guard is not None:
+    if guard is None:
+        clear_records(out_dir)
+    else:
         prepare_store(guard, out_dir, resumed_from)
         guard.callback.attach(trainer)  # after the recorder: a checkpoint is evaluated before the guard acts
     trainer.train(resume_from_checkpoint=str(state) if state is not None else None)

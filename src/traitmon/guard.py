@@ -104,6 +104,12 @@ def prepare_store(guard: Guard, out_dir: Path, resumed_from: int) -> None:
     guard.callback.store = store
 
 
+def clear_records(out_dir: Path) -> None:
+    """An unguarded run in a folder a guarded one used: its guard records would describe a run that is gone."""
+    (out_dir / GUARD_RECORD).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / GUARD_STORE, ignore_errors=True)
+
+
 def stop_step(callback: TraitMonitorCallback) -> int | None:
     """The step at which the guard ended training, or None (it never acted, or only warns)."""
     if callback.on_alarm == "warn" or len(callback.streak) < callback.patience:
