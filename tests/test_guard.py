@@ -281,7 +281,7 @@ def test_the_comparison_sets_each_guarded_run_beside_its_twin_or_says_it_has_non
 # The tiny study's plan before guards existed (snakemake -n on a fresh folder, at the commit before this feature).
 UNGUARDED_PLAN = {"convert_model": 1, "make_perturbation": 3, "capture_base": 1, "extract_directions": 2,
                   "finetune": 3, "sample_answers_base": 1, "capture_checkpoint": 6, "sample_answers": 6,
-                  "screen_perturbation": 3, "steer_directions": 2, "train_sae": 1, "judge_runs": 1,
+                  "sample_trait_answers": 1, "screen_perturbation": 3, "steer_directions": 2, "train_sae": 1, "judge_runs": 1,
                   "summarize_directions": 1, "drift": 1, "analyze": 1, "monitor_bundle": 1, "screen_analysis": 1,
                   "all": 1}
 
@@ -331,7 +331,7 @@ def test_the_plan_of_an_unguarded_study_is_unchanged_and_a_guarded_run_adds_only
     assert set(jobs) == {"med-em", "fin-em", "car-ok", "med-em-guarded"}
     inputs = {p: re.search(r"input: (.*)", block).group(1) for p, block in jobs.items()}
     assert monitor in inputs["med-em-guarded"] and "directions/tiny/honesty.zarr" in inputs["med-em-guarded"]
-    assert "honesty.yaml" in inputs["med-em-guarded"]
+    assert "honesty.yaml" not in inputs["med-em-guarded"]  # the bundle's measurement set is fixed: no trait files
     for p in ("med-em", "fin-em", "car-ok"):
         assert inputs[p].split(", ") == ["out/study/models/tiny", f"out/study/data/tiny/{p}/train.jsonl",
                                          f"out/study/data/tiny/{p}/heldout.jsonl"]
