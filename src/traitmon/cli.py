@@ -284,8 +284,7 @@ def _sampling_settings(text: str) -> tuple[BehaviorSettings, dict]:
     values = _settings(text)
     if MODEL_DTYPE not in values:
         raise TraitmonError(f"--settings: missing key '{MODEL_DTYPE}'")
-    dtype = values.pop(MODEL_DTYPE)
-    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, "--settings"), {MODEL_DTYPE: dtype}
+    return _behavior_settings(text), {MODEL_DTYPE: values[MODEL_DTYPE]}
 
 
 def _behavior_settings(text: str | None) -> BehaviorSettings:

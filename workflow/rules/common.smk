@@ -230,14 +230,17 @@ def behavior_settings(wildcards):
 JUDGING_ONLY = ("aligned_max", "coherent_min", "max_unscorable")
 
 
-def em_sampling_settings(wildcards):
-    keep = {k: v for k, v in as_dict(SETTINGS.behavior).items() if k not in JUDGING_ONLY + ("trait_questions",)}
+def sampling_settings(wildcards, dropped):
+    keep = {k: v for k, v in as_dict(SETTINGS.behavior).items() if k not in dropped}
     return json.dumps({**keep, **model_dtype_of(wildcards)}, sort_keys=True)
+
+
+def em_sampling_settings(wildcards):
+    return sampling_settings(wildcards, JUDGING_ONLY + ("trait_questions",))
 
 
 def trait_sampling_settings(wildcards):
-    keep = {k: v for k, v in as_dict(SETTINGS.behavior).items() if k not in JUDGING_ONLY}
-    return json.dumps({**keep, **model_dtype_of(wildcards)}, sort_keys=True)
+    return sampling_settings(wildcards, JUDGING_ONLY)
 
 
 def judge_spec(wildcards):
