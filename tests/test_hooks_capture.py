@@ -144,3 +144,55 @@ def test_left_padded_rows_see_the_positions_they_see_alone(tiny_model):
         assert seen[1 + b][0].tolist() == list(range(int(real.sum())))
         for key in ("response_mean", "last_prompt"):
             torch.testing.assert_close(together[key][b], alone[b][key][0], atol=1e-5, rtol=1e-4)
+
+
+def tiny_of(architecture: str):
+    """A tiny random model of one of the paper's four architectures (Gemma-2: sliding-window and global layers,
+    soft-capping, scaled embeddings)."""
+    import transformers
+
+    from traitmon.models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.padding_side = "left"
+    common = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "pad_token_id": tok.pad_token_id}
+    extra = {"Gemma2": {"head_dim": 8, "sliding_window": 16}, "Mistral": {"sliding_window": 64}}.get(architecture, {})
+    config = getattr(transformers, f"{architecture}Config")(**common, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{architecture}ForCausalLM")(config).eval(), tok
+
+
+@pytest.mark.parametrize("architecture", ["Llama", "Mistral", "Qwen2", "Gemma2"])
+def test_a_shared_prefix_run_once_gives_the_full_passes_activations(architecture, monkeypatch):
+    import traitmon.capture as capture_module
+
+    model, tok = tiny_of(architecture)
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly and plainly."}
+    chats = [[system, {"role": "user", "content": q}] for q in
+             ("Hi?", "What is the capital of France, please?", "Name a colour.", "Why is the sky blue at noon?")]
+    answers = ["Hello.", "Paris is the capital.", "Blue.", "Rayleigh scattering of short wavelengths by air."]
+    runs = []
+    monkeypatch.setattr(capture_module, "run_prefix",
+                        lambda *a, _real=capture_module.run_prefix: runs.append(a[1]) or _real(*a))
+    layers = [0, 2, 3]
+    full = capture(model, tok, chats, answers, layers, batch_size=3, share_prefix=False)
+    shared = capture(model, tok, chats, answers, layers, batch_size=3)
+    assert len(runs) == 1 and len(runs[0]) >= 40  # the system prompt and headers ran once
+    for key in full:
+        np.testing.assert_allclose(shared[key], full[key], rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prefix_length_and_skip():
+    from traitmon.chat import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7, 8], [7, 8]]) == 2
+    assert shared_prefix_length([[1], [2]]) == 0
+
+
+def test_skipping_a_whole_prompt_is_refused(tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(ValueError, match="cannot skip"):
+        encode_chats(tok, CHATS[:1], None, skip=10_000)

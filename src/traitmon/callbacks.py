@@ -53,7 +53,8 @@ class TraitMonitorCallback(TrainerCallback):
         self.store = Path(store) if store else None
         self.history: list[dict] = []
         self.trainer = None
-        self.seconds = 0.0
+        self.seconds = 0.0                # all checks together
+        self.seconds_per_check: list[float] = []
         self.streak: list[dict] = []      # the current run of consecutive alarming checks
         self.safe: dict | None = None     # {"step", "result", "weights"}: last non-alarming check (rollback)
         self.rollback_path: Path | None = None
@@ -72,7 +73,8 @@ class TraitMonitorCallback(TrainerCallback):
         self._last_step = state.global_step
         t0 = time.perf_counter()
         result = {"step": int(state.global_step), **self.bundle.score(model, self.tokenizer)}
-        self.seconds += time.perf_counter() - t0
+        self.seconds_per_check.append(time.perf_counter() - t0)
+        self.seconds += self.seconds_per_check[-1]
         self.history.append(result)
         logs = {f"traitmon/{k}": float(v) for k, v in result.items() if k != "step"}
         if self.trainer is not None:

@@ -8,13 +8,15 @@ requested layer.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from traitmon.chat import ChatBatch, Messages, encode_chats, encode_prompt, encode_response
+from traitmon.chat import ChatBatch, Messages, encode_chats, encode_prompt, encode_response, shared_prefix_length
 from traitmon.hooks import find_decoder, num_layers, record_layers
 
 if TYPE_CHECKING:
@@ -25,10 +27,60 @@ class _StopForward(Exception):
     """Raised by the hook on the deepest requested layer: the rest of the stack is not needed."""
 
 
+MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a separate forward pass
+
+
+@dataclass
+class SharedPrefix:
+    """Key/value cache of the token prefix every prompt of a capture starts with (system prompt, headers), run
+    once (batch 1, up to the deepest requested layer) and reused by every batch: the template's tokens are a
+    quarter of SmolLM2's measurement set. Hidden states of later tokens equal a full pass up to float rounding."""
+
+    length: int
+    cache: object  # transformers Cache
+
+    def for_batch(self, batch_size: int):
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
+
+def cache_argument(decoder: torch.nn.Module, cache) -> dict:
+    """The cache as the decoder's forward takes it: ``cache`` in recent transformers, ``past_key_values`` before."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.no_grad()
-def capture_batch(model: PreTrainedModel, batch: ChatBatch, layers: list[int]) -> dict[str, torch.Tensor]:
+def run_prefix(model: PreTrainedModel, ids: list[int], deepest: int) -> SharedPrefix:
+    """Run ``ids`` through the decoder with a cache, stopping after hidden_states index ``deepest``."""
+    from transformers import DynamicCache
+
+    decoder = find_decoder(model)
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=decoder.config)
+
+    def stop(index: int, _hidden: torch.Tensor) -> None:
+        if index == deepest:
+            raise _StopForward
+
+    with record_layers(model, [deepest] if deepest < num_layers(model) else [], stop):
+        try:
+            decoder(input_ids=torch.tensor([ids], device=device), use_cache=True, **cache_argument(decoder, cache))
+        except _StopForward:
+            pass
+    return SharedPrefix(len(ids), cache)
+
+
+@torch.no_grad()
+def capture_batch(model: PreTrainedModel, batch: ChatBatch, layers: list[int],
+                  prefix: SharedPrefix | None = None) -> dict[str, torch.Tensor]:
     """Pooled hidden states ``{'response_mean', 'last_prompt'}``, each ``[batch, len(layers), hidden]`` float32.
 
+    With ``prefix``, ``batch`` holds the rows without it, right-padded
+    (``encode_chats(..., skip=prefix.length, right_pad=True)``).
     Rows without response tokens get NaN for ``response_mean``.
     """
     device = next(model.parameters()).device
@@ -54,11 +106,18 @@ def capture_batch(model: PreTrainedModel, batch: ChatBatch, layers: list[int]) -
             raise _StopForward
 
     decoder = find_decoder(model)
-    # left padding: real tokens start at position 0 in every row, as when each prompt runs alone
+    # left padding: real tokens start at position 0 in every row, as when each prompt runs alone. After a shared
+    # prefix the rows are right-padded, so each continues its prefix without a gap (sliding-window attention
+    # measures distance in cache slots)
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    extra = {"use_cache": False}
+    if prefix is not None:
+        position_ids = position_ids + prefix.length
+        attn = torch.cat([torch.ones((len(rows), prefix.length), dtype=attn.dtype, device=device), attn], dim=1)
+        extra = {"use_cache": True, **cache_argument(decoder, prefix.for_batch(len(rows)))}
     with record_layers(model, layers, pool):
         try:
-            decoder(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False)
+            decoder(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **extra)
         except _StopForward:
             pass
     out_mean[(n_resp.squeeze(-1) == 0).cpu()] = float("nan")
@@ -67,18 +126,26 @@ def capture_batch(model: PreTrainedModel, batch: ChatBatch, layers: list[int]) -
 
 def capture(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
             responses: list[str] | None, layers: list[int],
-            batch_size: int = 16, max_length: int | None = None, desc: str = "capture") -> dict[str, np.ndarray]:
-    """Capture pooled activations for many chats, in length-sorted batches (less padding), input order kept."""
-    lengths = [len(encode_prompt(tokenizer, p))
-               + (len(encode_response(tokenizer, responses[i])) if responses else 0)
-               for i, p in enumerate(prompts)]
+            batch_size: int = 16, max_length: int | None = None, desc: str = "capture",
+            share_prefix: bool = True) -> dict[str, np.ndarray]:
+    """Capture pooled activations for many chats, in length-sorted batches (less padding), input order kept.
+    The token prefix all prompts share is run once (``SharedPrefix``) unless ``share_prefix`` is false."""
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    lengths = [len(ids) + (len(encode_response(tokenizer, responses[i])) if responses else 0)
+               for i, ids in enumerate(prompt_ids)]
+    shared = min(shared_prefix_length(prompt_ids), min(len(ids) for ids in prompt_ids) - 1) if prompts else 0
+    if max_length is not None:
+        shared = min(shared, max_length - 1)
+    prefix = (run_prefix(model, prompt_ids[0][:shared], max(layers))
+              if share_prefix and shared >= MIN_SHARED_PREFIX and max(layers) > 0 else None)
     order = np.argsort(lengths, kind="stable")
     results = {"response_mean": [None] * len(prompts), "last_prompt": [None] * len(prompts)}
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start:start + batch_size]
         batch = encode_chats(tokenizer, [prompts[i] for i in idx],
-                             [responses[i] for i in idx] if responses is not None else None, max_length)
-        pooled = capture_batch(model, batch, layers)
+                             [responses[i] for i in idx] if responses is not None else None, max_length,
+                             skip=prefix.length if prefix else 0, right_pad=prefix is not None)
+        pooled = capture_batch(model, batch, layers, prefix)
         for key, values in pooled.items():
             for row, i in enumerate(idx):
                 results[key][i] = values[row].numpy()

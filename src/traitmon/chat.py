@@ -63,21 +63,28 @@ def encode_training_example(tokenizer: PreTrainedTokenizerBase, messages: Messag
 
 @dataclass
 class ChatBatch:
-    input_ids: torch.Tensor       # [batch, seq], left-padded
+    input_ids: torch.Tensor       # [batch, seq], left-padded (or right-padded: encode_chats(right_pad=True))
     attention_mask: torch.Tensor  # [batch, seq]
     response_mask: torch.Tensor   # [batch, seq], 1 on response tokens
     last_prompt: torch.Tensor     # [batch], index of the last prompt token
 
 
 def encode_chats(tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], responses: list[str] | None = None,
-                 max_length: int | None = None) -> ChatBatch:
-    """Left-padded batch of prompt (+ response) ids with a response mask (for generation and capture)."""
+                 max_length: int | None = None, skip: int = 0, right_pad: bool = False) -> ChatBatch:
+    """Left-padded batch of prompt (+ response) ids with a response mask (for generation and capture).
+
+    ``skip`` drops the first ``skip`` tokens of every row: a prefix all prompts share, which the caller runs once
+    (``traitmon.capture``); ``max_length`` still counts them, and every prompt must keep at least one token.
+    ``right_pad`` pads at the end instead (rows that continue a cached prefix stay contiguous with it)."""
     rows, masks, lasts = [], [], []
     for i, messages in enumerate(prompts):
         p = encode_prompt(tokenizer, messages)
         r = encode_response(tokenizer, responses[i]) if responses is not None else []
         if max_length is not None and len(p) + len(r) > max_length:
             r = r[: max(0, max_length - len(p))]
+        if skip >= len(p):
+            raise ValueError(f"cannot skip {skip} tokens of a {len(p)}-token prompt")
+        p = p[skip:]
         rows.append(p + r)
         masks.append([0] * len(p) + [1] * len(r))
         lasts.append(len(p) - 1)
@@ -87,12 +94,21 @@ def encode_chats(tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], re
     resp = torch.zeros((len(rows), width), dtype=torch.long)
     last = torch.zeros(len(rows), dtype=torch.long)
     for b, (row, mask) in enumerate(zip(rows, masks)):
-        offset = width - len(row)
-        ids[b, offset:] = torch.tensor(row)
-        attn[b, offset:] = 1
-        resp[b, offset:] = torch.tensor(mask)
+        offset = 0 if right_pad else width - len(row)
+        ids[b, offset:offset + len(row)] = torch.tensor(row)
+        attn[b, offset:offset + len(row)] = 1
+        resp[b, offset:offset + len(row)] = torch.tensor(mask)
         last[b] = offset + lasts[b]
     return ChatBatch(ids, attn, resp, last)
+
+
+def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix every list starts with (a chat template's system prompt and headers)."""
+    first = token_lists[0]
+    n = min(len(t) for t in token_lists)
+    for other in token_lists[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n
 
 
 @dataclass(frozen=True)
