@@ -29,6 +29,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from transformers import TrainerCallback
+
 import traitmon.bundle as bundle_module
 import traitmon.capture as capture_module
 from traitmon import MonitorBundle, TraitMonitorCallback
@@ -38,7 +40,6 @@ from traitmon.finetune import finetune
 from traitmon.io import data_path, read_jsonl
 from traitmon.models import load_model
 from traitmon.settings import study_settings
-from transformers import TrainerCallback
 
 
 class StepTimer(TrainerCallback):

@@ -193,6 +193,6 @@ def test_shared_prefix_length_and_skip():
 
 
 def test_skipping_a_whole_prompt_is_refused(tiny_model):
-    model, tok = tiny_model
+    _, tok = tiny_model
     with pytest.raises(ValueError, match="cannot skip"):
         encode_chats(tok, CHATS[:1], None, skip=10_000)

@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from traitmon.chat import ChatBatch, Messages, encode_chats, encode_prompt, encode_response, shared_prefix_length
+from traitmon.chat import (
+    ChatBatch,
+    Messages,
+    encode_chats,
+    encode_prompt,
+    encode_response,
+    shared_prefix_length,
+)
 from traitmon.hooks import find_decoder, num_layers, record_layers
 
 if TYPE_CHECKING:
