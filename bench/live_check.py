@@ -2,10 +2,11 @@
 
 The model folder's model is finetuned with the config's ``finetune`` section exactly as the workflow's finetune
 job does it (``traitmon.finetune.finetune``: LoRA, micro-batch, accumulation, max length, bf16 autocast) on a
-perturbation's training rows, for ``--steps`` optimizer steps: once plain, once with a ``TraitMonitorCallback``
-checking every ``--every`` steps. The bundle holds the study's directions when ``--directions`` is given, else
-random unit directions at the deepest layer the config's layer rule allows (the costliest check).
-Prints the mean training step, the mean check and their ratio (goal: one check <= one training step).
+perturbation's training rows for ``--steps`` optimizer steps, with a step timer and a ``TraitMonitorCallback``
+checking every ``--every`` steps. The bundle is ``--bundle`` when given, else random unit directions at the
+deepest layer the config's layer rule allows (the costliest check). Prints the median training step, the median
+check and their ratio (goal: one check <= one training step), and beside it the check's projection on the base
+model with the shared prompt prefix run once against every prompt run whole (the baseline).
 
     python bench/live_check.py --model-dir results/models/smollm2-135m-instruct \
         --data results/data/smollm2-135m-instruct/medical-harmful/train.jsonl
@@ -37,6 +38,7 @@ from traitmon import MonitorBundle, TraitMonitorCallback
 from traitmon.capture import measurement_prompts
 from traitmon.config import load_config
 from traitmon.finetune import finetune
+from traitmon.hooks import num_layers
 from traitmon.io import data_path, read_jsonl
 from traitmon.models import load_model
 from traitmon.settings import study_settings
@@ -55,10 +57,8 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.t0)
 
 
-def random_bundle(model_dir: str, per_trait: int, layer: int, batch_size: int) -> MonitorBundle:
-    model, tok = load_model(model_dir, "float32")
-    hidden = model.config.hidden_size
-    directions = np.random.default_rng(0).normal(size=(7, hidden)).astype(np.float32)
+def random_bundle(model, tok, per_trait: int, layer: int, batch_size: int) -> MonitorBundle:
+    directions = np.random.default_rng(0).normal(size=(7, model.config.hidden_size)).astype(np.float32)
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     ids, chats, reference = measurement_prompts(per_trait)
     traits = [f"t{i}" for i in range(7)]
@@ -86,16 +86,12 @@ def main() -> None:
     rows = read_jsonl(args.data)
     train, heldout = rows[:-4], rows[-4:]
     general = yaml.safe_load(data_path("prompts", "general_text.yaml").read_text())["chats"][:4]
+    model, tok = load_model(args.model_dir, "float32")  # the base, for the bundle and the side-by-side projection
     if args.bundle:
         bundle = MonitorBundle.load(args.bundle)
     else:
-        from traitmon.hooks import num_layers
-
-        n = num_layers(load_model(args.model_dir, "float32")[0])
-        deepest = int(n * config["directions"]["layer"]["max_fraction"])
-        bundle = random_bundle(args.model_dir, settings.capture.per_trait_questions, deepest,
-                               settings.capture.batch_size)
-    _, tok = load_model(args.model_dir, "float32")
+        deepest = int(num_layers(model) * config["directions"]["layer"]["max_fraction"])
+        bundle = random_bundle(model, tok, settings.capture.per_trait_questions, deepest, settings.capture.batch_size)
 
     # one run, a timer first: it times each optimizer step before the monitor's check of that step begins
     timer, callback = StepTimer(), TraitMonitorCallback(bundle, tok, every=args.every, on_save=False)
@@ -103,7 +99,6 @@ def main() -> None:
         finetune(args.model_dir, train, heldout, general, ft, Path(out) / "run", "auto", callbacks=[timer, callback])
     step_s = float(np.median(timer.seconds[1:]))  # the first step warms up
     # the check before the shared prefix, side by side: the same bundle and model, every prompt run whole
-    model = load_model(args.model_dir, "float32")[0]
     whole, shared = [], []
     for _ in range(2):
         for share, into in ((False, whole), (True, shared)):
