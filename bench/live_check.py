@@ -4,9 +4,11 @@ The model folder's model is finetuned with the config's ``finetune`` section exa
 job does it (``traitmon.finetune.finetune``: LoRA, micro-batch, accumulation, max length, bf16 autocast) on a
 perturbation's training rows for ``--steps`` optimizer steps, with a step timer and a ``TraitMonitorCallback``
 checking every ``--every`` steps. The bundle is ``--bundle`` when given, else random unit directions at the
-deepest layer the config's layer rule allows (the costliest check). Prints the median training step, the median
-check and their ratio (goal: one check <= one training step), and beside it the check's projection on the base
-model with the shared prompt prefix run once against every prompt run whole (the baseline).
+deepest layer the config's layer rule allows (the costliest check), computed at the config's
+``capture.precision``. Prints the median training step, the median check and their ratio (goal: one check <= one
+training step), and beside it the check's projection on the base model three ways: float32 with every prompt run
+whole (the baseline: the check before this work), float32 with the shared prompt prefix run once, and the
+bundle's precision with the shared prefix.
 
     python bench/live_check.py --model-dir results/models/smollm2-135m-instruct \
         --data results/data/smollm2-135m-instruct/medical-harmful/train.jsonl
@@ -57,13 +59,13 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.t0)
 
 
-def random_bundle(model, tok, per_trait: int, layer: int, batch_size: int) -> MonitorBundle:
+def random_bundle(model, tok, per_trait: int, layer: int, batch_size: int, precision: str) -> MonitorBundle:
     directions = np.random.default_rng(0).normal(size=(7, model.config.hidden_size)).astype(np.float32)
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     ids, chats, reference = measurement_prompts(per_trait)
     traits = [f"t{i}" for i in range(7)]
     bundle = MonitorBundle("bench", "", traits, [layer] * 7, directions, ids, chats, reference, "response_mean",
-                           np.zeros((len(ids), 7), np.float32), batch_size=batch_size)
+                           np.zeros((len(ids), 7), np.float32), batch_size=batch_size, precision=precision)
     bundle.base_projection = bundle.project(model, tok)
     return bundle
 
@@ -91,32 +93,39 @@ def main() -> None:
         bundle = MonitorBundle.load(args.bundle)
     else:
         deepest = int(num_layers(model) * config["directions"]["layer"]["max_fraction"])
-        bundle = random_bundle(model, tok, settings.capture.per_trait_questions, deepest, settings.capture.batch_size)
+        bundle = random_bundle(model, tok, settings.capture.per_trait_questions, deepest, settings.capture.batch_size,
+                               settings.capture.precision)
 
     # one run, a timer first: it times each optimizer step before the monitor's check of that step begins
     timer, callback = StepTimer(), TraitMonitorCallback(bundle, tok, every=args.every, on_save=False)
     with tempfile.TemporaryDirectory() as out:
         finetune(args.model_dir, train, heldout, general, ft, Path(out) / "run", "auto", callbacks=[timer, callback])
     step_s = float(np.median(timer.seconds[1:]))  # the first step warms up
-    # the check before the shared prefix, side by side: the same bundle and model, every prompt run whole
-    whole, shared = [], []
+    # the check's projection side by side, the same bundle and model: the baseline (float32, every prompt run
+    # whole), float32 with the shared prefix, and the bundle's precision with the shared prefix
+    ways = {"fp32_whole": ("fp32", False), "fp32_shared": ("fp32", True), f"{bundle.precision}_shared":
+            (bundle.precision, True)}
+    seconds = {name: [] for name in ways}
     for _ in range(2):
-        for share, into in ((False, whole), (True, shared)):
+        for name, (precision, share) in ways.items():
             bundle_module.capture = functools.partial(capture_module.capture, share_prefix=share)
             t0 = time.perf_counter()
-            bundle.project(model, tok)
-            into.append(time.perf_counter() - t0)
+            replace(bundle, precision=precision).project(model, tok)
+            seconds[name].append(time.perf_counter() - t0)
+    best = {name: min(values) for name, values in seconds.items()}
     check_s = float(np.median([callback.seconds_per_check[1:] or callback.seconds_per_check]))
     result = {"model_dir": args.model_dir, "steps": args.steps, "every": args.every, "threads": args.threads,
-              "layers": sorted(set(bundle.layers)), "prompts": len(bundle.prompt_ids), "step_s": step_s,
-              "step_seconds": timer.seconds, "check_seconds": callback.seconds_per_check, "check_s": check_s,
-              "check_over_step": check_s / step_s, "projection_whole_prompts_s": min(whole),
-              "projection_shared_prefix_s": min(shared), "load": os.getloadavg()[0]}
-    print(f"training step {step_s:.2f} s (median); one check {check_s:.2f} s (median) over {result['prompts']} "
-          f"prompts up to layer {max(bundle.layers)}: {result['check_over_step']:.2f} steps per check "
-          f"(load {result['load']:.1f})")
-    print(f"the check's projection on the base model: {min(shared):.2f} s with the shared prefix run once against "
-          f"{min(whole):.2f} s with every prompt run whole (baseline): {min(whole) / min(shared):.2f}x")
+              "layers": sorted(set(bundle.layers)), "prompts": len(bundle.prompt_ids), "precision": bundle.precision,
+              "step_s": step_s, "step_seconds": timer.seconds, "check_seconds": callback.seconds_per_check,
+              "check_s": check_s, "check_over_step": check_s / step_s,
+              **{f"projection_{name}_s": value for name, value in best.items()}, "load": os.getloadavg()[0]}
+    print(f"training step {step_s:.2f} s (median); one check ({bundle.precision}) {check_s:.2f} s (median) over "
+          f"{result['prompts']} prompts up to layer {max(bundle.layers)}: {result['check_over_step']:.2f} steps per "
+          f"check (load {result['load']:.1f})")
+    baseline = best["fp32_whole"]
+    print("the check's projection on the base model: " + "; ".join(
+        f"{name} {value:.2f} s ({baseline / value:.2f}x)" for name, value in best.items())
+        + " (baseline fp32_whole: float32, every prompt run whole)")
     print(json.dumps(result))
 
 

@@ -83,6 +83,17 @@ def test_missing_checkpoint_store_is_named(study):
         stack_captures([p for p in captures if "4-b" not in p], "response_mean")
 
 
+def test_stores_of_different_precisions_do_not_mix(study):
+    from traitmon.store import open_dataset
+
+    _, captures, _, _ = study
+    ds = open_dataset(captures[0], load=True)
+    ds.attrs["precision"] = "bf16"  # the others carry none: written in float32
+    write_dataset(ds, captures[0])
+    with pytest.raises(TraitmonError, match="different precisions"):
+        stack_captures(captures, "response_mean")
+
+
 def test_drift_is_in_units_of_the_base_models_spread(tmp_path, study):
     dirs, captures, behavior, logs = study
     kinds = dict.fromkeys(PERTS, "em")

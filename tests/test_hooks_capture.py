@@ -104,6 +104,19 @@ def test_capture_is_independent_of_batching_and_early_stop(tiny_model):
     np.testing.assert_allclose(together["last_prompt"], full["last_prompt"][:, 1:3], atol=1e-5)
 
 
+def test_bf16_precision_computes_under_autocast_close_to_float32(tiny_model):
+    from traitmon.errors import TraitmonError
+
+    model, tok = tiny_model
+    fp32 = capture(model, tok, CHATS, ANSWERS, [1, 2], precision="fp32")["response_mean"]
+    bf16 = capture(model, tok, CHATS, ANSWERS, [1, 2], precision="bf16")["response_mean"]
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)  # the passes really ran in bf16
+    np.testing.assert_allclose(bf16, fp32, atol=0.03 * np.abs(fp32).max())  # a few bf16 roundings, no more
+    assert next(model.parameters()).dtype == torch.float32  # weights are not cast
+    with pytest.raises(TraitmonError, match="precision 'fp16'"):
+        capture(model, tok, CHATS, ANSWERS, [1], precision="fp16")
+
+
 def test_steering_adds_the_vector_at_the_index(tiny_model):
     model, tok = tiny_model
     batch = encode_chats(tok, CHATS[:1], ANSWERS[:1])

@@ -38,13 +38,14 @@ def bundle_setup(tiny_model_dir, tmp_path_factory):
     return bundle, paths, folder
 
 
-def offline_drift(model_dir, adapter, bundle, direction_paths):
+def offline_drift(model_dir, adapter, bundle, direction_paths, precision="fp32"):
     """What `traitmon capture` + the drift computation give for a saved checkpoint."""
     dirs = load_directions(direction_paths, "response_mean")
     out = {}
     for name, adp in (("base", None), ("ckpt", adapter)):
         model, tok = load_model(model_dir, adapter=adp)
-        ds = capture_dataset(model, tok, bundle.prompt_ids, bundle.chats, bundle.reference, None, 8, "float32", {})
+        ds = capture_dataset(model, tok, bundle.prompt_ids, bundle.chats, bundle.reference, None, 8, "float32", {},
+                             precision)
         out[name] = project(ds["response_mean"], dirs)
     scale = drift_scale(out["base"].transpose("prompt", "trait").values)  # the drift table's base-spread units
     return ((out["ckpt"] - out["base"]) / scale).mean("prompt").values
@@ -105,23 +106,49 @@ def test_bundle_round_trip_and_refusal(bundle_setup, tiny_model, tmp_path):
         MonitorBundle.load(tmp_path / "b")
 
 
-def test_watch_scores_complete_checkpoints_and_waits_for_half_written_ones(tiny_model_dir, bundle_setup, tmp_path):
+def random_adapter(model_dir, folder):
+    """A saved LoRA adapter with random B matrices (so it moves the activations)."""
     from peft import get_peft_model
 
     from traitmon.config import validate_config as vc
     from traitmon.finetune import lora_config
     from traitmon.settings import study_settings
 
-    bundle, _, _ = bundle_setup
     settings = study_settings(vc({"models": {"m": {"source": {"path": "x"}}}, "traits": ["honesty"]})).finetune
-    model, _ = load_model(tiny_model_dir)
+    model, _ = load_model(model_dir)
     peft_model = get_peft_model(model, lora_config(settings))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    source = tmp_path / "adapter"
-    peft_model.save_pretrained(source)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_a_bf16_bundle_scores_as_bf16_captures_do(tiny_model_dir, bundle_setup, tmp_path):
+    """capture.precision travels in the bundle: the live check and ``watch`` compute as the offline captures."""
+    _, paths, _ = bundle_setup
+    model, tok = load_model(tiny_model_dir)
+    build_bundle(model, tok, "tiny", paths, per_trait_questions=1, variant="response_mean", monitor_path=None,
+                 batch_size=16, model_dtype="auto", precision="bf16").save(tmp_path / "b")
+    bundle = MonitorBundle.load(tmp_path / "b")
+    assert bundle.precision == "bf16"
+    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
+    checkpoint, _ = load_model(tiny_model_dir, adapter=adapter)
+    scored = bundle.score(checkpoint, tok)
+    got = np.array([scored[f"drift_{t}"] for t in bundle.traits])
+    np.testing.assert_allclose(got, offline_drift(tiny_model_dir, adapter, bundle, paths, "bf16"), atol=2e-4,
+                               rtol=1e-3)
+    assert np.abs(got - offline_drift(tiny_model_dir, adapter, bundle, paths, "fp32")).max() > 1e-4
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    del meta["precision"]  # a bundle saved before the precision was recorded measured in float32
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(meta))
+    assert MonitorBundle.load(tmp_path / "b").precision == "fp32"
+
+
+def test_watch_scores_complete_checkpoints_and_waits_for_half_written_ones(tiny_model_dir, bundle_setup, tmp_path):
+    bundle, _, _ = bundle_setup
+    source = random_adapter(tiny_model_dir, tmp_path / "adapter")
     run = tmp_path / "run"
     run.mkdir()
     shutil.copytree(source, run / "checkpoint-2")

@@ -24,6 +24,7 @@ import traitmon
 from traitmon.capture import capture
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash
+from traitmon.models import PRECISIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,12 +51,14 @@ class MonitorBundle:
     monitor: object | None = None        # traitmon.monitor.FittedMonitor
     batch_size: int = 16                 # the capture batch size (same batches as the workflow's capture)
     model_dtype: str = "auto"            # the config's dtype for this model: how the base is loaded to score
+    precision: str = "fp32"              # capture.precision: how every pass computes (the base's and each check's)
     info: dict = field(default_factory=dict)
     traitmon_version: str = traitmon.__version__
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_key": self.model_key,
-                "model_fingerprint": self.model_hash, "model_dtype": self.model_dtype, "traits": list(self.traits),
+                "model_fingerprint": self.model_hash, "model_dtype": self.model_dtype, "precision": self.precision,
+                "traits": list(self.traits),
                 "layers": [int(v) for v in self.layers], "variant": self.variant, "batch_size": int(self.batch_size),
                 "prompt_ids": list(self.prompt_ids), "chats": self.chats, "reference": self.reference,
                 "monitor": self.monitor.to_dict() if self.monitor is not None else None,
@@ -95,7 +98,8 @@ class MonitorBundle:
         try:
             with torch.no_grad():
                 pooled = capture(model, tokenizer, self.chats, [self.reference] * len(self.chats) if self.reference
-                                 else None, sorted(set(self.layers)), self.batch_size, desc="monitor")
+                                 else None, sorted(set(self.layers)), self.batch_size, desc="monitor",
+                                 precision=self.precision)
         finally:
             model.train(was_training)
         acts = pooled[self.variant]                              # (prompt, unique layer, hidden)
@@ -168,7 +172,7 @@ def _from_parts(path: Path, meta: dict, arrays: dict[str, np.ndarray]) -> Monito
         bundle = MonitorBundle(str(meta["model_key"]), str(meta["model_fingerprint"]), traits, layers,
                                arrays["directions"], [str(i) for i in ids], list(meta["chats"]), meta["reference"],
                                str(meta["variant"]), arrays["base_projection"], None, int(meta["batch_size"]),
-                               str(meta["model_dtype"]), dict(meta["provenance"]),
+                               str(meta["model_dtype"]), str(meta.get("precision", "fp32")), dict(meta["provenance"]),
                                str(meta["provenance"].get("traitmon_version", "")))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise TraitmonError(f"{path / JSON_FILE}: bad or missing field ({type(exc).__name__}: {exc})") from None
@@ -197,6 +201,8 @@ def _check_shapes(path: Path, bundle: MonitorBundle) -> None:
         problems.append(f"base_projection has shape {bundle.base_projection.shape}, expected ({n_prompts}, {n_traits})")
     if bundle.variant not in ("response_mean", "last_prompt"):
         problems.append(f"unknown variant '{bundle.variant}'")
+    if bundle.precision not in PRECISIONS:
+        problems.append(f"unknown precision '{bundle.precision}'")
     if not all(np.isfinite(a).all() for a in (bundle.directions, bundle.base_projection)):
         problems.append("arrays contain NaN or infinite values")
     if problems:
@@ -217,7 +223,7 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 def build_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_key: str,
                  direction_paths: list[str], per_trait_questions: int, variant: str, monitor_path: str | None, batch_size: int,
-                 model_dtype: str) -> MonitorBundle:
+                 model_dtype: str, precision: str = "fp32") -> MonitorBundle:
     """Bundle from a traitmon results folder's directions (and a saved monitor); ``model`` is the base model
     (loaded in ``model_dtype``), whose projections become the reference."""
     from traitmon.capture import measurement_prompts
@@ -230,6 +236,7 @@ def build_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mod
                            [int(v) for v in dirs.layer.values], dirs.direction.values.astype(np.float32), ids, chats,
                            reference, variant, np.zeros((len(ids), dirs.sizes["trait"]), np.float32),
                            FittedMonitor.load(monitor_path) if monitor_path else None, batch_size, model_dtype,
+                           precision,
                            {"directions_hash": stable_hash(dirs.direction.values.tobytes().hex()[:4096]),
                             "direction_files": [Path(p).name for p in direction_paths]})
     bundle.base_projection = bundle.project(model, tokenizer)

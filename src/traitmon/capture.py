@@ -134,9 +134,20 @@ def capture_batch(model: PreTrainedModel, batch: ChatBatch, layers: list[int],
 def capture(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
             responses: list[str] | None, layers: list[int],
             batch_size: int = 16, max_length: int | None = None, desc: str = "capture",
-            share_prefix: bool = True) -> dict[str, np.ndarray]:
+            share_prefix: bool = True, precision: str = "fp32") -> dict[str, np.ndarray]:
     """Capture pooled activations for many chats, in length-sorted batches (less padding), input order kept.
-    The token prefix all prompts share is run once (``SharedPrefix``) unless ``share_prefix`` is false."""
+    The token prefix all prompts share is run once (``SharedPrefix``) unless ``share_prefix`` is false.
+    ``precision`` (``capture.precision``): ``bf16`` runs the passes under bfloat16 autocast
+    (``traitmon.models.compute_precision``); the pooled values are float32 either way."""
+    from traitmon.models import compute_precision
+
+    with compute_precision(precision, next(model.parameters()).device):
+        return _capture(model, tokenizer, prompts, responses, layers, batch_size, max_length, desc, share_prefix)
+
+
+def _capture(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
+             responses: list[str] | None, layers: list[int], batch_size: int, max_length: int | None, desc: str,
+             share_prefix: bool) -> dict[str, np.ndarray]:
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     lengths = [len(ids) + (len(encode_response(tokenizer, responses[i])) if responses else 0)
                for i, ids in enumerate(prompt_ids)]
@@ -194,16 +205,20 @@ def measurement_version() -> int:
 
 def capture_dataset(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[str],
                     chats: list[Messages], reference: str | None,
-                    layers: list[int] | None, batch_size: int, store_dtype: str, attrs: dict):
-    """Capture the measurement set as an xarray Dataset with dims ``(prompt, layer, hidden)``."""
+                    layers: list[int] | None, batch_size: int, store_dtype: str, attrs: dict,
+                    precision: str = "fp32"):
+    """Capture the measurement set as an xarray Dataset with dims ``(prompt, layer, hidden)``; the attrs record
+    the compute ``precision``."""
     import xarray as xr
 
     layers = list(range(num_layers(model) + 1)) if layers is None else list(layers)
     responses = [reference] * len(chats) if reference else None
-    pooled = capture(model, tokenizer, chats, responses, layers, batch_size, desc=attrs.get("label", "capture"))
+    pooled = capture(model, tokenizer, chats, responses, layers, batch_size, desc=attrs.get("label", "capture"),
+                     precision=precision)
     dtype = np.dtype(store_dtype)
     data = {key: (("prompt", "layer", "hidden"), values.astype(dtype)) for key, values in pooled.items()
             if key == "last_prompt" or reference}
     return xr.Dataset(data, coords={"prompt": ids, "layer": layers,
                                     "question": ("prompt", [c[-1]["content"] for c in chats])},
-                      attrs={**attrs, "reference_response": reference or "", "stored_dtype": str(dtype)})
+                      attrs={**attrs, "reference_response": reference or "", "stored_dtype": str(dtype),
+                             "precision": precision})

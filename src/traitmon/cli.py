@@ -15,6 +15,7 @@ from pathlib import Path
 
 from traitmon.errors import TraitmonError
 from traitmon.settings import (
+    CAPTURE_PRECISION,
     GUARD_BUNDLE,
     MODEL_DTYPE,
     AnalysisSettings,
@@ -72,6 +73,16 @@ def _settings(text: str) -> dict:
         raise TraitmonError(f"--settings is not valid JSON: {exc}") from None
 
 
+def _precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default=schema_default("capture", "precision"), choices=["fp32", "bf16"],
+                   help="the config's capture.precision: bf16 runs the passes under bfloat16 autocast")
+
+
+def _precision(extra: dict) -> str:
+    """capture.precision as a blob of another section carries it (blobs from before it existed: the default)."""
+    return extra.get(CAPTURE_PRECISION, schema_default("capture", "precision"))
+
+
 def _set_threads(n: int | None) -> None:
     import torch
 
@@ -122,10 +133,10 @@ def cmd_extract(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings, extra = parse_settings(args.settings, DirectionSettings, MODEL_DTYPE)
+    settings, extra = parse_settings(args.settings, DirectionSettings, MODEL_DTYPE, optional=(CAPTURE_PRECISION,))
     trait = load_trait(args.trait_file)
     model, tok = load_model(args.model_dir, extra[MODEL_DTYPE])
-    ds, rows = extract_trait_direction(model, tok, trait, settings, args.model_key)
+    ds, rows = extract_trait_direction(model, tok, trait, settings, args.model_key, _precision(extra))
     write_jsonl(args.responses, rows)
     write_dataset(ds, args.out)
     log.info("%s/%s: chosen layer %s (on the selection questions), held-out AUROC %.3f; NaN pairs dropped: "
@@ -149,10 +160,11 @@ def cmd_steer(args) -> None:
     from traitmon.traits import load_trait
 
     _set_threads(args.threads)
-    settings, extra = parse_settings(args.settings, SteeringSettings, MODEL_DTYPE, "seed")
+    settings, extra = parse_settings(args.settings, SteeringSettings, MODEL_DTYPE, "seed",
+                                     optional=(CAPTURE_PRECISION,))
     model, tok = load_model(args.model_dir, extra[MODEL_DTYPE])
     table = steering_check(model, tok, open_dataset(args.direction, load=True), load_trait(args.trait_file),
-                           settings, extra["seed"])
+                           settings, extra["seed"], _precision(extra))
     write_csv(args.out, table)
 
 
@@ -274,7 +286,7 @@ def cmd_capture(args) -> None:
 
         check_layers(layers, num_layers(model))
     ds = capture_dataset(model, tok, ids, chats, reference if settings.reference_response else None, layers,
-                         settings.batch_size, settings.dtype, attrs)
+                         settings.batch_size, settings.dtype, attrs, settings.precision)
     write_dataset(ds, args.out)
 
 
@@ -650,6 +662,7 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=model_dtype_default(), choices=["auto", "float32", "bfloat16", "float16"],
                    help="the model's dtype in the config; the bundle loads the base in it to score")
     p.add_argument("--batch-size", type=int, default=schema_default("capture", "batch_size"), help="the config's capture batch size")
+    _precision_arg(p)
     p.add_argument("--out", required=True, help="the bundle folder to write")
 
 
@@ -662,7 +675,7 @@ def cmd_bundle(args) -> None:
     _set_threads(args.threads)
     model, tok = load_model(args.model_dir, args.dtype)
     bundle = build_bundle(model, tok, args.model_key, args.directions, args.per_trait_questions, args.variant,
-                          args.monitor, args.batch_size, args.dtype)
+                          args.monitor, args.batch_size, args.dtype, args.precision)
     bundle.save(args.out)
 
 
@@ -722,6 +735,7 @@ def _screen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens kept per row")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the risk interval")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _precision_arg(p)
     p.add_argument("--table", help="filter with this earlier screening's rows.csv instead of screening")
     p.add_argument("--filter", type=float, metavar="TOP_FRACTION",
                    help="write the dataset without its floor(TOP_FRACTION * n) highest-risk rows to --out")
@@ -800,7 +814,7 @@ def _screen_activations(args, rows):
 
     _set_threads(args.threads)
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed,
-                "batch_size": args.batch_size, "max_length": args.max_length}
+                "batch_size": args.batch_size, "max_length": args.max_length, "precision": args.precision}
     labels = {k: v for k, v in (("model", args.model_key), ("perturbation", args.perturbation)) if v}
     layers = _screen_layers(args)
     model, tok = load_model(args.model_dir, args.dtype)

@@ -155,7 +155,8 @@ def direction_variables(acts: dict[str, np.ndarray], split: np.ndarray, rule: di
 
 
 def extract_trait_direction(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trait: Trait,
-                            settings: DirectionSettings, model_key: str) -> tuple[xr.Dataset, list[dict]]:
+                            settings: DirectionSettings, model_key: str,
+                            precision: str = "fp32") -> tuple[xr.Dataset, list[dict]]:
     """Generate contrastive responses, capture them, and build the direction Dataset.
 
     Returns ``(dataset, response_rows)``; ``settings`` is the config's ``directions`` section.
@@ -168,7 +169,7 @@ def extract_trait_direction(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     all_chats = chats["positive"] + chats["negative"]
     responses = generate_responses(model, tokenizer, all_chats, settings.max_new_tokens, settings.temperature,
                                    settings.batch_size, settings.seed, desc=f"{trait.name}: generate")
-    pooled = capture(model, tokenizer, all_chats, responses, layers, settings.batch_size,
+    pooled = capture(model, tokenizer, all_chats, responses, layers, settings.batch_size, precision=precision,
                      desc=f"{trait.name}: capture")
     n = len(items)
     for p, pol in enumerate(POLARITIES):

@@ -46,11 +46,12 @@ def stack_captures(paths: list[str | Path], variable: str) -> xr.DataArray:
     """One model's capture stores as a lazy ``(model, perturbation, step, prompt, layer, hidden)`` array, placed
     by each store's ``model``/``perturbation``/``step`` attrs. The base store (step 0) is step 0 of every
     perturbation."""
-    stores, versions = {}, {}
+    stores, versions, precisions = {}, {}, {}
     for path in paths:
         ds = open_dataset(path, chunks={})
         # stores written before the set was versioned hold version 1 (the prompt coordinates are checked too)
         versions.setdefault(int(ds.attrs.get("measurement_set", 1)), str(path))
+        precisions.setdefault(str(ds.attrs.get("precision", "fp32")), str(path))  # before the attr: float32
         key = (str(ds.attrs.get("model")), str(ds.attrs.get("perturbation") or ""), int(ds.attrs.get("step", -1)))
         if variable not in ds:
             raise TraitmonError(f"{path}: capture store has no variable '{variable}'")
@@ -60,6 +61,9 @@ def stack_captures(paths: list[str | Path], variable: str) -> xr.DataArray:
     if len(versions) > 1:
         raise TraitmonError(f"capture stores of different measurement sets: {versions} (version: path); "
                             "capture them again with one traitmon version")
+    if len(precisions) > 1:
+        raise TraitmonError(f"capture stores computed at different precisions: {precisions} (precision: path); "
+                            "capture them again with one capture.precision")
     models = {k[0] for k in stores}
     bases = [k for k in stores if k[2] == 0]
     if len(models) != 1 or len(bases) != 1:

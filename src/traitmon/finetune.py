@@ -61,9 +61,9 @@ def uses_bf16(settings: FinetuneSettings) -> bool:
 
 def autocast(settings: FinetuneSettings, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context the Trainer uses for ``settings`` (for evaluation and benchmarks)."""
-    if uses_bf16(settings):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    from traitmon.models import compute_precision
+
+    return compute_precision("bf16" if uses_bf16(settings) else "fp32", device)
 
 
 @torch.no_grad()

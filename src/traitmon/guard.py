@@ -79,7 +79,7 @@ def make_guard(model_dir: str | Path, settings: GuardSettings, inputs: GuardBund
 
     model, tok = load_model(model_dir, model_dtype)
     bundle = build_bundle(model, tok, inputs.model_key, list(inputs.directions), inputs.per_trait_questions,
-                          inputs.variant, settings.monitor, inputs.batch_size, model_dtype)
+                          inputs.variant, settings.monitor, inputs.batch_size, model_dtype, inputs.precision)
     del model
     unknown = sorted(set(bundle.monitor.features) - {f"drift_{t}" for t in bundle.traits})
     if unknown:

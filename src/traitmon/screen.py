@@ -106,6 +106,7 @@ def screen_activations(model, tokenizer, rows: list[dict], cache_dir: Path, sett
     model.eval()
     try:
         pooled = [capture(model, tokenizer, prompts, texts, layers, settings["batch_size"], settings.get("max_length"),
+                          precision=settings.get("precision", "fp32"),
                           desc=f"screen {name}")["response_mean"] for name, texts in zip(ANSWERS, (answers, own))]
     finally:
         model.train(was_training)
@@ -113,6 +114,7 @@ def screen_activations(model, tokenizer, rows: list[dict], cache_dir: Path, sett
                       coords={"answer": list(ANSWERS), "row": np.arange(len(rows)), "layer": layers,
                               "prompt_hash": ("row", [prompt_hash(p) for p in prompts])},
                       attrs={**(attrs or {}), "source": source, "stored_dtype": "float32",
+                             "precision": settings.get("precision", "fp32"),
                              "max_length": settings.get("max_length"),
                              **{f"own_answers_{k}": v for k, v in generation.items()}})
 

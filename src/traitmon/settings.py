@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from traitmon.errors import TraitmonError
 
 MODEL_DTYPE = "model_dtype"  # the one name of the model's dtype in every settings blob
+CAPTURE_PRECISION = "capture_precision"  # capture.precision in the blobs of other sections that capture
 GUARD_BUNDLE = "guard_bundle"  # a guarded finetune's blob: what it builds its monitor bundle from
 
 
@@ -75,6 +76,7 @@ class GuardBundleSettings:
     per_trait_questions: int
     variant: str
     batch_size: int
+    precision: str = "fp32"  # capture.precision (blobs written before it existed measured in float32)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class CaptureSettings:
     reference_response: bool
     batch_size: int
     dtype: str
+    precision: str  # how the passes compute (traitmon.models.compute_precision), for every capture of a study
 
 
 @dataclass(frozen=True)

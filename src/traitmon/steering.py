@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def steering_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direction: xr.Dataset, trait: Trait,
-                   settings: SteeringSettings, seed: int) -> pd.DataFrame:
+                   settings: SteeringSettings, seed: int, precision: str = "fp32") -> pd.DataFrame:
     """One row per (coef, question): the generated answer and its projection on the unit direction.
 
     ``coef`` is in units of the raw difference-of-means vector, so coef 1 shifts activations by the full
@@ -40,7 +40,8 @@ def steering_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
         with add_to_layer(model, layer, torch.from_numpy(coef * raw)):
             answers = generate_responses(model, tokenizer, chats, settings.max_new_tokens, 0.0,
                                          settings.batch_size, seed, desc=f"{trait.name}: steer {coef:+g}")
-        pooled = capture(model, tokenizer, chats, answers, [layer], settings.batch_size, desc="project")
+        pooled = capture(model, tokenizer, chats, answers, [layer], settings.batch_size, desc="project",
+                         precision=precision)
         projection = pooled["response_mean"][:, 0, :] @ u
         rows += [{"trait": trait.name, "layer": layer, "coef": coef, "question": q, "answer": a,
                   "projection": float(p)} for q, a, p in zip(questions, answers, projection)]

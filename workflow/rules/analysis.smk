@@ -147,6 +147,7 @@ rule monitor_bundle:
         per_trait=SETTINGS.capture.per_trait_questions,
         variant=SETTINGS.analysis.variant,
         batch_size=SETTINGS.capture.batch_size,
+        precision=SETTINGS.capture.precision,
         dtype=model_dtype,
     log:
         f"{RES}/logs/analysis/{{model}}/bundle.log",
@@ -160,5 +161,6 @@ rule monitor_bundle:
     shell:
         "traitmon bundle --model-dir {input.model:q} --model-key {wildcards.model:q}"
         " --directions {input.directions:q} --per-trait-questions {params.per_trait:q} --variant {params.variant:q} --monitor {input.monitor:q}"
-        " --dtype {params.dtype:q} --batch-size {params.batch_size:q} --out {output.bundle:q}"
+        " --dtype {params.dtype:q} --batch-size {params.batch_size:q} --precision {params.precision:q}"
+        " --out {output.bundle:q}"
         " --threads {threads} > {log:q} 2>&1"

@@ -9,7 +9,7 @@ from pathlib import Path
 from traitmon.config import check_study, checkpoint_steps, validate_config
 from traitmon.errors import TraitmonError
 from traitmon.guard import guarded_runs, unguarded_twin
-from traitmon.settings import GUARD_BUNDLE, MODEL_DTYPE, as_dict, finetune_json, settings_json, study_settings
+from traitmon.settings import CAPTURE_PRECISION, GUARD_BUNDLE, MODEL_DTYPE, as_dict, finetune_json, settings_json, study_settings
 from traitmon.traits import trait_file
 
 CONFIG_SOURCE = "config (config.yaml and --config/--configfile)"
@@ -128,12 +128,18 @@ def model_dtype_of(wildcards):
     return {MODEL_DTYPE: SETTINGS.models[wildcards.model].dtype}
 
 
+def capture_precision_of():
+    # every teacher-forced pass of a study computes alike (capture.precision), so its projections compare
+    return {CAPTURE_PRECISION: SETTINGS.capture.precision}
+
+
 def directions_settings(wildcards):
-    return settings_json(SETTINGS.directions, **model_dtype_of(wildcards))
+    return settings_json(SETTINGS.directions, **model_dtype_of(wildcards), **capture_precision_of())
 
 
 def steering_settings(wildcards):
-    return settings_json(SETTINGS.steering, seed=SETTINGS.directions.seed, **model_dtype_of(wildcards))
+    return settings_json(SETTINGS.steering, seed=SETTINGS.directions.seed, **model_dtype_of(wildcards),
+                         **capture_precision_of())
 
 
 def perturbation_spec(wildcards):
@@ -173,7 +179,8 @@ def guard_bundle(wildcards):
     # what a guarded finetune builds its monitor bundle from: rule monitor_bundle's inputs and settings
     return {"model_key": wildcards.model, "directions": model_directions(wildcards),
             "per_trait_questions": SETTINGS.capture.per_trait_questions,
-            "variant": SETTINGS.analysis.variant, "batch_size": SETTINGS.capture.batch_size}
+            "variant": SETTINGS.analysis.variant, "batch_size": SETTINGS.capture.batch_size,
+            "precision": SETTINGS.capture.precision}
 
 
 # a guarded finetune's extra inputs; an unguarded one gets none (its inputs are those of before guards existed)

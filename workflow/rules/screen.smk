@@ -20,6 +20,7 @@ rule screen_perturbation:
         seed=config["directions"]["seed"],
         batch_size=config["capture"]["batch_size"],
         max_length=config["finetune"]["max_length"],
+        precision=config["capture"]["precision"],
         dtype=model_dtype,
     log:
         f"{RES}/logs/screen/{{model}}/{{perturbation}}.log",
@@ -34,7 +35,7 @@ rule screen_perturbation:
         "traitmon screen {input.data:q} --model-dir {input.model:q} --activations-out {output.activations:q}"
         " --layers {params.layers} --batch-size {params.batch_size} --max-length {params.max_length}"
         " --max-new-tokens {params.max_new_tokens} --temperature {params.temperature} --seed {params.seed}"
-        " --dtype {params.dtype:q} --model-key {wildcards.model:q} --perturbation {wildcards.perturbation:q}"
+        " --dtype {params.dtype:q} --precision {params.precision:q} --model-key {wildcards.model:q} --perturbation {wildcards.perturbation:q}"
         " --threads {threads} > {log:q} 2>&1"
 
 
