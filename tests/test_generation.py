@@ -46,6 +46,20 @@ def test_seeded_sampling_is_identical_run_to_run(tiny_model_dir):
     assert first != other  # the seed does drive the sampling
 
 
+def test_bf16_precision_decodes_under_autocast_and_float32_stays_float32(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    computed = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: computed.append(out.dtype))
+    try:
+        generate_responses(model, tok, PROMPTS, max_new_tokens=3, precision="bf16")
+        n_bf16 = len(computed)
+        generate_responses(model, tok, PROMPTS, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert set(computed[:n_bf16]) == {torch.bfloat16} and set(computed[n_bf16:]) == {torch.float32}
+    assert next(model.parameters()).dtype == torch.float32
+
+
 def test_server_backend_over_http_loads_samples_and_unloads_an_adapter(tiny_model_dir, adapter_dir):
     base, tok = load_model(tiny_model_dir)
     server = start_server(base, tok, name="tiny")

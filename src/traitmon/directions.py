@@ -168,7 +168,8 @@ def extract_trait_direction(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
                     {"role": "user", "content": it["question"]}] for it in items] for pol in POLARITIES}
     all_chats = chats["positive"] + chats["negative"]
     responses = generate_responses(model, tokenizer, all_chats, settings.max_new_tokens, settings.temperature,
-                                   settings.batch_size, settings.seed, desc=f"{trait.name}: generate")
+                                   settings.batch_size, settings.seed, desc=f"{trait.name}: generate",
+                                   precision=precision)
     pooled = capture(model, tokenizer, all_chats, responses, layers, settings.batch_size, precision=precision,
                      desc=f"{trait.name}: capture")
     n = len(items)
@@ -195,7 +196,7 @@ def extract_trait_direction(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
                "settings_hash": stable_hash(as_dict(settings)), "chosen_layer": chosen,
                "dropped_pairs_selection": dropped["selection"], "dropped_pairs_heldout": dropped["heldout"],
                "layer_rule": stable_hash(settings.layer), "layer_rule_json": str(settings.layer),
-               "num_layers": n_layers, "model_dtype": str(next(model.parameters()).dtype),
+               "num_layers": n_layers, "model_dtype": str(next(model.parameters()).dtype), "precision": precision,
                "stored_dtype": "float32", "traitmon_version": traitmon.__version__,
                "pooling": "response_mean: mean over response tokens; last_prompt: last token of the prompt"},
     )

@@ -14,9 +14,18 @@ from traitmon.errors import TraitmonError
 @torch.no_grad()
 def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
                        max_new_tokens: int = 48, temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
-                       desc: str = "generate") -> list[str]:
+                       desc: str = "generate", precision: str = "fp32") -> list[str]:
     """One response per prompt. ``temperature == 0`` is greedy. Each batch is seeded from ``seed`` and
-    its position, so results do not depend on what ran before in the process."""
+    its position, so results do not depend on what ran before in the process. ``precision`` ``bf16`` decodes
+    under bfloat16 autocast (``traitmon.models.compute_precision``)."""
+    from traitmon.models import compute_precision
+
+    with compute_precision(precision, next(model.parameters()).device):
+        return _generate(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed, desc)
+
+
+def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
+              max_new_tokens: int, temperature: float, batch_size: int, seed: int, desc: str) -> list[str]:
     device = next(model.parameters()).device
     order = np.argsort([len(encode_prompt(tokenizer, p)) for p in prompts], kind="stable")
     out: list[str | None] = [None] * len(prompts)

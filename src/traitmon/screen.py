@@ -80,7 +80,7 @@ def base_answers(model, tokenizer, prompts: list[Messages], cache: Path, generat
         log.info("generating the base model's answers to %d of %d prompts", len(missing), len(prompts))
         fresh = generate_responses(model, tokenizer, [prompts[i] for i in missing], generation["max_new_tokens"],
                                    generation["temperature"], generation["batch_size"], generation["seed"],
-                                   desc="base answers")
+                                   desc="base answers", precision=generation.get("precision", "fp32"))
         known.update({keys[i]: answer for i, answer in zip(missing, fresh)})
         write_jsonl(cache, [{"key": k, "answer": a} for k, a in known.items()])
     return [known[k] for k in keys]
@@ -101,6 +101,8 @@ def screen_activations(model, tokenizer, rows: list[dict], cache_dir: Path, sett
     layers = list(dict.fromkeys(int(layer) for layer in layers))  # a repeated layer would break selection
     check_layers(layers, num_layers(model), "--layers")
     generation = {k: settings[k] for k in GENERATION_KEYS}
+    if settings.get("precision", "fp32") != "fp32":  # float32 answers keep the cache keys they had before
+        generation["precision"] = settings["precision"]
     own = base_answers(model, tokenizer, prompts, Path(cache_dir) / CACHE_FILE, generation)
     was_training = model.training
     model.eval()

@@ -115,7 +115,7 @@ class CaptureSettings:
     reference_response: bool
     batch_size: int
     dtype: str
-    precision: str  # how the passes compute (traitmon.models.compute_precision), for every capture of a study
+    precision: str  # how every capture and the directions' and screening's responses compute (compute_precision)
 
 
 @dataclass(frozen=True)

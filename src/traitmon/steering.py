@@ -39,7 +39,8 @@ def steering_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
     for coef in settings.coefs:
         with add_to_layer(model, layer, torch.from_numpy(coef * raw)):
             answers = generate_responses(model, tokenizer, chats, settings.max_new_tokens, 0.0,
-                                         settings.batch_size, seed, desc=f"{trait.name}: steer {coef:+g}")
+                                         settings.batch_size, seed, desc=f"{trait.name}: steer {coef:+g}",
+                                         precision=precision)
         pooled = capture(model, tokenizer, chats, answers, [layer], settings.batch_size, desc="project",
                          precision=precision)
         projection = pooled["response_mean"][:, 0, :] @ u
