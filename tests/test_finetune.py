@@ -72,6 +72,28 @@ def test_collator_pads_and_masks_labels_for_trainer_and_trl_columns():
     assert AssistantOnlyCollator(0, pad_to_multiple_of=4)([{"input_ids": [1], "labels": [1]}])["labels"].shape == (1, 4)
 
 
+def test_evaluation_equals_the_full_logits_loss_over_learned_tokens(tiny_model, rows):
+    """mean_token_nll (length-sorted batches, LM head on the predicting positions only) against every position's
+    logits in the given order."""
+    from traitmon.finetune import mean_token_nll
+
+    model, tok = tiny_model
+    examples = [encode_training_example(tok, r["messages"], 4096) for r in rows[0][:7]]
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # rows of different lengths: padding and sorting matter
+    collator = AssistantOnlyCollator(tok.pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), 3):
+            batch = collator(examples[start:start + 3])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+    got = mean_token_nll(model, examples, collator, 3, tiny_settings())
+    assert got == pytest.approx(total / count, rel=1e-5)
+
+
 def test_resumed_run_reaches_the_same_adapter(tiny_model_dir, rows, tmp_path):
     train, heldout = rows
     settings = tiny_settings()
