@@ -35,7 +35,7 @@ TINY_CONFIG = {
     },
     "finetune": {"rank": 2, "alpha": 4, "lr": 1e-2, "max_steps": 4, "checkpoint_every": 2, "micro_batch": 2,
                  "grad_accum": 1, "max_length": 384, "precision": "fp32"},
-    "capture": {"per_trait_questions": 1, "batch_size": 32},
+    "capture": {"per_trait_questions": 1, "batch_size": 32, "precision": "bf16"},  # as the embedded default
     "behavior": {"samples_per_question": 1, "trait_questions": 1, "max_new_tokens": 6, "batch_size": 32},
     "resources": {"threads": 1},
 }
@@ -83,6 +83,10 @@ def test_finetune_capture_behavior_and_analysis_outputs(tiny_study):
             cap = open_dataset(results / f"capture/tiny/{pert}/step-{step}.zarr")
             assert cap["response_mean"].dims == ("prompt", "layer", "hidden")
             assert cap.attrs["step"] == step and cap.attrs["perturbation"] == pert
+            assert cap.attrs["precision"] == "bf16"  # capture.precision reached every capture of the study
+    assert open_dataset(results / "directions/tiny/honesty.zarr").attrs["precision"] == "bf16"
+    assert open_dataset(results / "screen/tiny/med-em/activations.zarr").attrs["precision"] == "bf16"
+    assert json.loads((results / "analysis/tiny/monitor_bundle/bundle.json").read_text())["precision"] == "bf16"
     assert (results / "data/tiny/med-em/meta.json").is_file()
     scores = pd.read_csv(results / "behavior/embedded/tiny/em_scores.csv")
     assert set(scores.step) == {0, 2, 4} and len(scores) == 9
