@@ -121,7 +121,7 @@ def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_
     paths["watch"] = np.array([watched[f"drift_{t}"] for t in traits])
 
     settings = {"per_trait_questions": 1, "layers": sorted(set(layers)), "reference_response": True,
-                "batch_size": batch, "dtype": "float32", "model_dtype": "bfloat16"}
+                "batch_size": batch, "dtype": "float32", "precision": "fp32", "model_dtype": "bfloat16"}
     stores = {}
     for name, extra in (("base", []), ("ckpt", ["--adapter", str(tmp_path / f"run/checkpoint-{steps}")])):
         stores[name] = tmp_path / f"{name}.zarr"
