@@ -24,7 +24,7 @@ import traitmon
 from traitmon.capture import capture
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash
-from traitmon.models import PRECISIONS
+from traitmon.settings import PRECISIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

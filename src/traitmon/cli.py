@@ -18,6 +18,7 @@ from traitmon.settings import (
     CAPTURE_PRECISION,
     GUARD_BUNDLE,
     MODEL_DTYPE,
+    PRECISIONS,
     AnalysisSettings,
     BehaviorSettings,
     CaptureSettings,
@@ -74,7 +75,7 @@ def _settings(text: str) -> dict:
 
 
 def _precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default=schema_default("capture", "precision"), choices=["fp32", "bf16"],
+    p.add_argument("--precision", default=schema_default("capture", "precision"), choices=PRECISIONS,
                    help="the config's capture.precision: bf16 runs the passes under bfloat16 autocast")
 
 

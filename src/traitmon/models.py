@@ -21,6 +21,7 @@ import torch
 
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash
+from traitmon.settings import PRECISIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,9 +56,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-PRECISIONS = ("fp32", "bf16")  # capture.precision: how teacher-forced passes compute
 
 
 def compute_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

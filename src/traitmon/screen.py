@@ -101,22 +101,22 @@ def screen_activations(model, tokenizer, rows: list[dict], cache_dir: Path, sett
     layers = list(dict.fromkeys(int(layer) for layer in layers))  # a repeated layer would break selection
     check_layers(layers, num_layers(model), "--layers")
     generation = {k: settings[k] for k in GENERATION_KEYS}
-    if settings.get("precision", "fp32") != "fp32":  # float32 answers keep the cache keys they had before
-        generation["precision"] = settings["precision"]
+    precision = settings.get("precision", "fp32")
+    if precision != "fp32":  # float32 answers keep the cache keys they had before
+        generation["precision"] = precision
     own = base_answers(model, tokenizer, prompts, Path(cache_dir) / CACHE_FILE, generation)
     was_training = model.training
     model.eval()
     try:
         pooled = [capture(model, tokenizer, prompts, texts, layers, settings["batch_size"], settings.get("max_length"),
-                          precision=settings.get("precision", "fp32"),
-                          desc=f"screen {name}")["response_mean"] for name, texts in zip(ANSWERS, (answers, own))]
+                          precision=precision, desc=f"screen {name}")["response_mean"] for name, texts in zip(ANSWERS, (answers, own))]
     finally:
         model.train(was_training)
     return xr.Dataset({ACTIVATIONS: (STORE_DIMS, np.stack(pooled).astype(np.float32))},
                       coords={"answer": list(ANSWERS), "row": np.arange(len(rows)), "layer": layers,
                               "prompt_hash": ("row", [prompt_hash(p) for p in prompts])},
                       attrs={**(attrs or {}), "source": source, "stored_dtype": "float32",
-                             "precision": settings.get("precision", "fp32"),
+                             "precision": precision,
                              "max_length": settings.get("max_length"),
                              **{f"own_answers_{k}": v for k, v in generation.items()}})
 

@@ -19,6 +19,7 @@ from traitmon.errors import TraitmonError
 
 MODEL_DTYPE = "model_dtype"  # the one name of the model's dtype in every settings blob
 CAPTURE_PRECISION = "capture_precision"  # capture.precision in the blobs of other sections that capture
+PRECISIONS = ("fp32", "bf16")  # its values: how teacher-forced passes compute (traitmon.models.compute_precision)
 GUARD_BUNDLE = "guard_bundle"  # a guarded finetune's blob: what it builds its monitor bundle from
 
 
