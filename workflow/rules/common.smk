@@ -9,8 +9,7 @@ from pathlib import Path
 from traitmon.config import check_study, checkpoint_steps, validate_config
 from traitmon.errors import TraitmonError
 from traitmon.guard import guarded_runs, unguarded_twin
-from traitmon.settings import (CAPTURE_PRECISION, GUARD_BUNDLE, MODEL_DTYPE, as_dict, finetune_json, settings_json,
-                               study_settings)
+from traitmon.settings import CAPTURE_PRECISION, GUARD_BUNDLE, MODEL_DTYPE, as_dict, finetune_json, settings_json, study_settings
 from traitmon.traits import trait_file
 
 CONFIG_SOURCE = "config (config.yaml and --config/--configfile)"
