@@ -1,9 +1,11 @@
 """Answer sampling: today's path (the named baseline, a verbatim copy of the loop behavior.sample_answers ran
-before issue 13: fp32 weights, config batch) against the new default (bf16 sampling dtype), side by side in
-one process on SmolLM2-135M-Instruct at the config's ``behavior`` settings.
+before issue 13: fp32 weights, HF multinomial sampling, the batch of 27 the config had then) against the new
+default (bf16 sampling dtype, top-k draw in ``TopKSampler``, the config's batch), side by side in one process on
+SmolLM2-135M-Instruct at the config's ``behavior`` settings (same 54 prompts, answers, max tokens, temperature).
 
     python bench/sample_answers.py --model-dir results/models/smollm2-135m-instruct
     python bench/sample_answers.py --model-dir ... --rows 16     # a subset of the 54 rows (a loaded machine)
+    python bench/sample_answers.py --model-dir ... --batch-size 40   # another batch for the new path
 
 Prints new tokens/s of each path (tokens of the decoded answers) and the ratio, with the load average.
 """
@@ -28,6 +30,8 @@ from traitmon.generate import generate_responses
 from traitmon.models import load_model
 from traitmon.settings import study_settings
 from traitmon.traits import load_traits
+
+BASELINE_BATCH = 27  # behavior.batch_size of config.yaml when issue 13 was filed
 
 
 @torch.no_grad()
@@ -57,16 +61,18 @@ def main() -> None:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "config.yaml"))
     parser.add_argument("--rows", type=int, help="sample only the first N answer rows")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="the new path's batch (default: the config's)")
     args = parser.parse_args()
     config = load_config(args.config)
     settings = study_settings(config).behavior
     traits = load_traits(config["traits"])
     rows = em_answer_rows(settings) + [r for name, trait in traits.items() for r in trait_answer_rows(name, trait, settings)]
     prompts = answer_chats(rows)[: args.rows]
-    gen = (settings.max_new_tokens, settings.temperature, settings.batch_size, settings.seed)
+    gen = (settings.max_new_tokens, settings.temperature, args.batch_size or settings.batch_size, settings.seed)
+    baseline_gen = (settings.max_new_tokens, settings.temperature, BASELINE_BATCH, settings.seed)
     fp32, tok = load_model(args.model_dir, "float32")
     bf16, _ = load_model(args.model_dir, "bfloat16")
-    paths = {"baseline (fp32, old loop)": lambda: baseline_responses(fp32, tok, prompts, *gen),
+    paths = {"baseline (fp32, old loop)": lambda: baseline_responses(fp32, tok, prompts, *baseline_gen),
              "new (bf16, generate_responses)": lambda: generate_responses(bf16, tok, prompts, *gen, desc="bench")}
     rates = {}
     for name, fn in paths.items():

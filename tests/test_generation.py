@@ -15,7 +15,13 @@ from conftest import REPO
 from traitmon.behavior import sample_answers_server
 from traitmon.config import validate_config
 from traitmon.errors import TraitmonError
-from traitmon.generate import ServerGenerator, generate_responses
+from traitmon.generate import (
+    ServerGenerator,
+    TopKSampler,
+    generate_responses,
+    sampling_top_k,
+    seeded_generator,
+)
 from traitmon.generation_server import start_server
 from traitmon.models import attach_adapter, load_model
 from traitmon.settings import BehaviorSettings, build, section_defaults
@@ -44,6 +50,37 @@ def test_seeded_sampling_is_identical_run_to_run(tiny_model_dir):
     other = generate_responses(model, tok, PROMPTS * 3, 12, 0.7, 4, seed=6)
     assert first == again
     assert first != other  # the seed does drive the sampling
+
+
+def test_top_k_sampler_draws_from_the_tempered_top_k_distribution():
+    scores = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+    rows = 40_000
+    sampler = TopKSampler(0.7, 3, seeded_generator(0, torch.device("cpu")))
+    out = sampler(torch.zeros(rows, 1, dtype=torch.long), scores.expand(rows, -1).clone())
+    assert torch.all((out == 0).sum(-1) == 1) and torch.all(torch.isinf(out).sum(-1) == 5)  # one token left each
+    counts = torch.bincount(out.argmax(-1), minlength=6).double() / rows
+    top = torch.tensor([5, 0, 1])  # the 3 best tokens
+    expected = torch.zeros(6, dtype=torch.double)
+    expected[top] = torch.softmax(scores[top].double() / 0.7, 0)
+    assert torch.allclose(counts, expected, atol=0.01), (counts, expected)
+    # the whole vocabulary when top_k is None; the same generator seed draws the same tokens
+    draw = lambda: TopKSampler(1.0, None, seeded_generator(3, torch.device("cpu")))(None, scores.expand(rows, -1).clone())
+    assert torch.bincount(draw().argmax(-1), minlength=6).min() > 0 and torch.equal(draw(), draw())
+    with pytest.raises(TraitmonError, match="temperature"):
+        TopKSampler(0.0, 50, seeded_generator(0, torch.device("cpu")))
+
+
+def test_sampled_answers_do_not_depend_on_the_global_rng(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir, "bfloat16")
+    model.generation_config.top_k = None
+    assert sampling_top_k(model) == 50  # generate(do_sample=True)'s default when the model sets none
+    model.generation_config.top_k = 7
+    assert sampling_top_k(model) == 7
+    model.generation_config.top_k = None
+    torch.manual_seed(1)
+    first = generate_responses(model, tok, PROMPTS, 8, 0.7, 4, seed=5)
+    torch.manual_seed(2)
+    assert generate_responses(model, tok, PROMPTS, 8, 0.7, 4, seed=5) == first
 
 
 def test_bf16_precision_decodes_under_autocast_and_float32_stays_float32(tiny_model_dir):
