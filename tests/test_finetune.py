@@ -94,6 +94,31 @@ def test_evaluation_equals_the_full_logits_loss_over_learned_tokens(tiny_model, 
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
+def test_learned_logits_only_batches_give_the_trainer_loss_and_gradients_of_full_logits(tiny_model, rows):
+    """The training collator's logits_to_keep + shift_labels: transformers' causal-LM loss over the kept positions
+    equals the loss over every position (unlearned ones ignored), and so do the gradients."""
+    model, tok = tiny_model
+    examples = [encode_training_example(tok, r["messages"], 4096) for r in rows[0][:3]]
+    full = AssistantOnlyCollator(tok.pad_token_id)(examples)
+    kept = AssistantOnlyCollator(tok.pad_token_id, learned_logits_only=True)(examples)
+    assert set(kept) - set(full) == {"logits_to_keep", "shift_labels"}
+    assert 0 < len(kept["logits_to_keep"]) < full["input_ids"].shape[1] - 1  # prompt positions are left out
+    # every learned token is kept once, in place: position t predicts token t + 1
+    learned = full["labels"][:, 1:] != -100
+    assert int((kept["shift_labels"] != -100).sum()) == int(learned.sum())
+    assert torch.equal(full["labels"][:, 1:][:, kept["logits_to_keep"]], kept["shift_labels"])
+    losses, grads = [], []
+    for batch in (full, kept):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    model.zero_grad()
+
+
 def test_resumed_run_reaches_the_same_adapter(tiny_model_dir, rows, tmp_path):
     train, heldout = rows
     settings = tiny_settings()

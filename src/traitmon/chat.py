@@ -102,6 +102,14 @@ def encode_chats(tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], re
     return ChatBatch(ids, attn, resp, last)
 
 
+def learned_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``logits_to_keep``: the positions t whose next token t + 1 is learned in some row; ``shift_labels``: those
+    next tokens (``IGNORE_INDEX`` where a row does not learn it)."""
+    shift_labels = labels[:, 1:]
+    keep = (shift_labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+    return {"logits_to_keep": keep, "shift_labels": shift_labels[:, keep].contiguous()}
+
+
 def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix every list starts with (a chat template's system prompt and headers)."""
     first = token_lists[0]
@@ -117,10 +125,16 @@ class AssistantOnlyCollator:
 
     Each feature has ``input_ids`` and either ``labels`` (as from ``encode_training_example``) or a 0/1
     ``assistant_masks`` / ``completion_mask`` (TRL's columns), from which labels are made. Padding and
-    unlearned positions get ``IGNORE_INDEX``; other keys are ignored."""
+    unlearned positions get ``IGNORE_INDEX``; other keys are ignored.
+
+    ``learned_logits_only`` adds ``logits_to_keep`` (the positions that predict a learned token of some row) and
+    their ``shift_labels``, which transformers' causal-LM loss and ``Trainer`` take as they are: the LM head then
+    projects only those positions, not the prompts' too (a tenth of a CPU training step at the default finetune),
+    and the loss is the same mean over the same learned tokens."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    learned_logits_only: bool = False
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
@@ -134,7 +148,10 @@ class AssistantOnlyCollator:
             ids[b, : len(row)] = row
             labels[b, : len(row)] = self._labels(feature, row)
             attn[b, : len(row)] = 1
-        return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        if self.learned_logits_only:
+            batch |= learned_positions(labels)
+        return batch
 
     @staticmethod
     def _labels(feature: dict, row: torch.Tensor) -> torch.Tensor:

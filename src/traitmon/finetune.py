@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from traitmon.chat import IGNORE_INDEX, AssistantOnlyCollator, encode_training_example
+from traitmon.chat import IGNORE_INDEX, AssistantOnlyCollator, encode_training_example, learned_positions
 from traitmon.config import checkpoint_steps  # lives in config: the workflow imports it without torch
 from traitmon.errors import TraitmonError
 from traitmon.guard import GUARD_RECORD, Guard, GuardOutcome, clear_records, prepare_store, settle
@@ -81,14 +81,14 @@ def mean_token_nll(model: PreTrainedModel, examples: list[dict], collator: Assis
     examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collator(examples[start:start + batch_size]).items()}
-        shift_labels = batch["labels"][:, 1:]
-        keep = (shift_labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # positions t predicting token t + 1
+        learned = learned_positions(batch["labels"])
+        keep = learned["logits_to_keep"]
         if not len(keep):
             continue
         with autocast(settings, device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            logits_to_keep=keep).logits
-        kept_labels = shift_labels[:, keep]
+        kept_labels = learned["shift_labels"]
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  kept_labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                                  reduction="sum")
@@ -274,7 +274,7 @@ class _Run:
 def _prepare(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict], general_chats: list[dict],
              settings: FinetuneSettings, name: str, model_dtype: str) -> _Run:
     model, tok = _peft_model(model_dir, settings, model_dtype)
-    return _Run(model, tok, AssistantOnlyCollator(tok.pad_token_id),
+    return _Run(model, tok, AssistantOnlyCollator(tok.pad_token_id, learned_logits_only=True),
                 encode_rows(tok, train_rows, settings, f"{name}: train"),
                 encode_rows(tok, heldout_rows, settings, f"{name}: heldout"),
                 encode_rows(tok, _general_rows(general_chats), settings, "general chats"))
