@@ -162,6 +162,6 @@ def test_study_cpu_dry_run_plans_every_checkpoint(tmp_path):
     counts = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts["finetune"] == 16 and counts["make_perturbation"] == 15 and counts["filter_perturbation"] == 1
-    assert counts["capture_checkpoint"] == counts["sample_answers"] == 16 * 6
+    assert counts["measure_checkpoint"] == 16 * 6  # capture and EM answers, one job per checkpoint
     assert counts["screen_perturbation"] == 16 and counts["screen_analysis"] == 1  # every dataset screened
-    assert counts["total"] == 265 and counts["train_sae"] == 1  # one SAE per model (the SAE baseline)
+    assert counts["total"] == 168 and counts["train_sae"] == 1  # one SAE per model (the SAE baseline)

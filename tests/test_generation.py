@@ -155,3 +155,43 @@ def test_serve_generate_command_is_registered():
     out = subprocess.run([sys.executable, "-m", "traitmon.cli", "serve-generate", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "--model-dir" in out and "--dtype" in out
+
+
+@pytest.mark.parametrize("sampling_dtype", ["bfloat16", "auto"])  # loaded again for sampling / the same model
+def test_measure_writes_what_capture_and_answers_write(tiny_model_dir, adapter_dir, tmp_path, sampling_dtype):
+    """One process per checkpoint: ``traitmon measure`` gives the store ``capture`` gives and the answers
+    ``answers`` gives, for an adapter and for the base model."""
+    import json
+
+    import xarray as xr
+
+    from traitmon.cli import main
+    from traitmon.io import read_jsonl
+    from traitmon.store import open_dataset
+
+    capture = json.dumps({**section_defaults("capture"), "per_trait_questions": 1, "precision": "bf16",
+                          "model_dtype": "auto"})
+    behavior = {k: v for k, v in section_defaults("behavior").items() if k not in ("aligned_max", "coherent_min",
+                                                                                   "max_unscorable", "trait_questions")}
+    behavior.update(samples_per_question=1, max_new_tokens=6, temperature=0.7, model_dtype="auto",
+                    generation={**behavior["generation"], "dtype": sampling_dtype})
+    answers = json.dumps(behavior)
+    common = ["--model-dir", str(tiny_model_dir), "--model-key", "tiny", "--threads", "1"]
+    for run, name in ((["--adapter", str(adapter_dir), "--perturbation", "med-em", "--step", "4"], "ckpt"),
+                      ([], "base")):
+        assert main(["measure", *common, *run, "--capture-settings", capture, "--answer-settings", answers,
+                     "--capture-out", str(tmp_path / f"{name}-m.zarr"),
+                     "--answers-out", str(tmp_path / f"{name}-m.jsonl")]) == 0
+        assert main(["capture", *common, *run, "--settings", capture, "--out", str(tmp_path / f"{name}-c.zarr")]) == 0
+        run_answers = run if run else ["--perturbation", "base"]
+        assert main(["answers", *common, *run_answers, "--settings", answers,
+                     "--out", str(tmp_path / f"{name}-a.jsonl")]) == 0
+        merged, alone = (open_dataset(tmp_path / f"{name}-{k}.zarr") for k in ("m", "c"))
+        xr.testing.assert_identical(merged, alone)
+        rows = read_jsonl(tmp_path / f"{name}-m.jsonl")
+        assert rows == read_jsonl(tmp_path / f"{name}-a.jsonl") and len(rows) == 20
+        assert {r["perturbation"] for r in rows} == {"med-em" if run else "base"}
+    assert open_dataset(tmp_path / "base-m.zarr").attrs["perturbation"] == ""  # as capture_base wrote it
+    # a bad settings blob names its flag
+    assert main(["measure", *common, "--capture-settings", capture, "--answer-settings", "{}",
+                 "--capture-out", str(tmp_path / "x.zarr"), "--answers-out", str(tmp_path / "x.jsonl")]) == 2

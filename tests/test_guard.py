@@ -278,9 +278,10 @@ def test_the_comparison_sets_each_guarded_run_beside_its_twin_or_says_it_has_non
 
 
 # ---- the workflow's plan ---------------------------------------------------------------------------------------
-# The tiny study's plan before guards existed (snakemake -n on a fresh folder, at the commit before this feature).
-UNGUARDED_PLAN = {"convert_model": 1, "make_perturbation": 3, "capture_base": 1, "extract_directions": 2,
-                  "finetune": 3, "sample_answers_base": 1, "capture_checkpoint": 6, "sample_answers": 6,
+# The tiny study's plan before guards existed (snakemake -n on a fresh folder, at the commit before this feature;
+# since then a checkpoint's capture and EM answers share one measure job).
+UNGUARDED_PLAN = {"convert_model": 1, "make_perturbation": 3, "measure_base": 1, "extract_directions": 2,
+                  "finetune": 3, "measure_checkpoint": 6,
                   "sample_trait_answers": 1, "screen_perturbation": 3, "steer_directions": 2, "train_sae": 1, "judge_runs": 1,
                   "summarize_directions": 1, "drift": 1, "analyze": 1, "monitor_bundle": 1, "screen_analysis": 1,
                   "all": 1}
@@ -324,7 +325,7 @@ def test_the_plan_of_an_unguarded_study_is_unchanged_and_a_guarded_run_adds_only
     (tmp_path / "guarded").mkdir()
     output = dry_run(tmp_path / "guarded", config)
     # one more perturbation's jobs, and the comparison
-    expected = {**UNGUARDED_PLAN, "make_perturbation": 4, "finetune": 4, "capture_checkpoint": 8, "sample_answers": 8,
+    expected = {**UNGUARDED_PLAN, "make_perturbation": 4, "finetune": 4, "measure_checkpoint": 8,
                 "screen_perturbation": 4, "guard_comparison": 1}
     assert plan(output) == expected
     jobs = finetune_jobs(output)

@@ -171,7 +171,7 @@ def test_editing_one_perturbations_data_reruns_only_its_jobs(tiny_study):
     try:
         counts = planned_jobs(tiny_study)
         assert counts.get("finetune") == 1, counts
-        assert counts.get("capture_checkpoint") == 2 and counts.get("sample_answers") == 2
+        assert counts.get("measure_checkpoint") == 2
         assert "extract_directions" not in counts and "make_perturbation" not in counts
     finally:
         data.write_text(original)
@@ -192,7 +192,7 @@ def test_paper_config_builds_the_whole_dag_offline(tmp_path):
     elapsed = time.perf_counter() - start
     assert jobs["convert_model"] == 4 and jobs["extract_directions"] == 28 and jobs["steer_directions"] == 28
     assert jobs["finetune"] == 40 and jobs["make_perturbation"] == 40
-    assert jobs["capture_checkpoint"] == 480 and jobs["sample_answers"] == 480  # 4 x 10 x 12 checkpoints
+    assert jobs["measure_checkpoint"] == 480  # 4 x 10 x 12 checkpoints
     assert jobs["judge_runs"] == 8 and jobs["analyze"] == 1
     print(f"paper DAG: {sum(jobs.values())} jobs planned in {elapsed:.1f} s")
 
@@ -202,8 +202,8 @@ def test_changing_a_finetune_parameter_reruns_finetunes_and_downstream_only(tiny
     (tiny_study / "config.yaml").write_text(yaml.safe_dump(config))
     try:
         jobs = planned_jobs(tiny_study)
-        assert jobs["finetune"] == 3 and jobs["capture_checkpoint"] == 6
-        assert "extract_directions" not in jobs and "capture_base" not in jobs and "make_perturbation" not in jobs
+        assert jobs["finetune"] == 3 and jobs["measure_checkpoint"] == 6
+        assert "extract_directions" not in jobs and "measure_base" not in jobs and "make_perturbation" not in jobs
     finally:
         (tiny_study / "config.yaml").write_text(yaml.safe_dump(STUDY_CONFIG))
 
@@ -248,8 +248,7 @@ def test_adding_a_perturbation_plans_its_own_jobs_and_the_aggregations(tiny_stud
     extra = {"spo-em": {"kind": "em", "generator": {"domain": "extreme-sports", "stance": "em"}, "rows": 16,
                         "heldout": 4}}
     jobs = planned_after_edit(tiny_study, perturbations={**TINY_CONFIG["perturbations"], **extra})
-    own = {"make_perturbation": 1, "finetune": 1, "capture_checkpoint": 2, "sample_answers": 2,
-           "screen_perturbation": 1}
+    own = {"make_perturbation": 1, "finetune": 1, "measure_checkpoint": 2, "screen_perturbation": 1}
     assert jobs == {**own, "sample_trait_answers": 1, **dict.fromkeys(AGGREGATIONS, 1)}, jobs
 
 
@@ -263,8 +262,8 @@ def test_adding_a_model_plans_its_own_jobs_and_the_cross_model_analysis(tiny_stu
     models = {**TINY_CONFIG["models"], "tiny-b": TINY_CONFIG["models"]["tiny"]}
     jobs = planned_after_edit(tiny_study, models=models)
     per_model = {"convert_model": 1, "extract_directions": 2, "steer_directions": 2, "summarize_directions": 1,
-                 "make_perturbation": 3, "finetune": 3, "capture_base": 1, "capture_checkpoint": 6,
-                 "sample_answers_base": 1, "sample_answers": 6, "sample_trait_answers": 1, "screen_perturbation": 3,
+                 "make_perturbation": 3, "finetune": 3, "measure_base": 1, "measure_checkpoint": 6,
+                 "sample_trait_answers": 1, "screen_perturbation": 3,
                  "train_sae": 1, "judge_runs": 1, "drift": 1}
     # the monitor is fitted across models, so both models' bundles are rebuilt from the new fit
     assert jobs == {**per_model, "analyze": 1, "monitor_bundle": 2, "screen_analysis": 1, "all": 1}, jobs
@@ -305,8 +304,7 @@ def test_a_grown_study_equals_a_from_scratch_run(tiny_study, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         logs[workdir] = result.stdout + result.stderr
     # the incremental run captured and sampled only the new perturbation's two checkpoints
-    assert logs[incremental].count("rule capture_checkpoint:") == 2 and "rule capture_base:" not in logs[incremental]
-    assert logs[incremental].count("rule sample_answers:") == 2
+    assert logs[incremental].count("rule measure_checkpoint:") == 2 and "rule measure_base:" not in logs[incremental]
     a, b = (pd.read_csv(w / ROOT / "analysis/drift.csv") for w in (incremental, scratch))
     assert "drift_deception" in a.columns and set(a.perturbation) >= {"spo-em"}
     pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-6)

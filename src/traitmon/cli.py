@@ -265,16 +265,22 @@ def _capture_args(p: argparse.ArgumentParser) -> None:
 @command("capture", "capture the measurement prompts on a model or adapter into Zarr",
          _capture_args, "model_key", "threads", "model_dir", "settings")
 def cmd_capture(args) -> None:
-    from traitmon import __version__
-    from traitmon.capture import capture_dataset, measurement_prompts, measurement_version
-    from traitmon.io import file_hash
     from traitmon.models import load_model
     from traitmon.store import write_dataset
 
     _set_threads(args.threads)
     settings, extra = parse_settings(args.settings, CaptureSettings, MODEL_DTYPE)
-    ids, chats, reference = measurement_prompts(settings.per_trait_questions)
     model, tok = load_model(args.model_dir, extra[MODEL_DTYPE], adapter=args.adapter)
+    write_dataset(_measurement_capture(args, settings, model, tok), args.out)
+
+
+def _measurement_capture(args, settings: CaptureSettings, model, tok):
+    """The measurement set captured on ``model`` (the base with ``args.adapter`` applied), with its attrs."""
+    from traitmon import __version__
+    from traitmon.capture import capture_dataset, measurement_prompts, measurement_version
+    from traitmon.io import file_hash
+
+    ids, chats, reference = measurement_prompts(settings.per_trait_questions)
     adapter_hash = file_hash(f"{args.adapter}/adapter_model.safetensors") if args.adapter else "none"
     attrs = {"model": args.model_key, "perturbation": args.perturbation or "", "step": args.step,
              "adapter": str(args.adapter or ""), "adapter_hash": adapter_hash, "traitmon_version": __version__,
@@ -286,18 +292,20 @@ def cmd_capture(args) -> None:
         from traitmon.hooks import num_layers
 
         check_layers(layers, num_layers(model))
-    ds = capture_dataset(model, tok, ids, chats, reference if settings.reference_response else None, layers,
-                         settings.batch_size, settings.dtype, attrs, settings.precision)
-    write_dataset(ds, args.out)
+    return capture_dataset(model, tok, ids, chats, reference if settings.reference_response else None, layers,
+                           settings.batch_size, settings.dtype, attrs, settings.precision)
 
 
-def _sampling_settings(text: str) -> tuple[BehaviorSettings, dict]:
+def _sampling_settings(text: str, flag: str = "--settings") -> tuple[BehaviorSettings, dict]:
     """The behavior section for the sampling commands: the rules pass only the keys sampling reads (so a judging
     cut-off edit does not re-sample); the rest are the schema's defaults. Returns it with the model's dtype."""
-    values = _settings(text)
+    from traitmon.io import parse_jsonl_line
+
+    values = parse_jsonl_line(text, flag)
     if MODEL_DTYPE not in values:
-        raise TraitmonError(f"--settings: missing key '{MODEL_DTYPE}'")
-    return _behavior_settings(text), {MODEL_DTYPE: values[MODEL_DTYPE]}
+        raise TraitmonError(f"{flag}: missing key '{MODEL_DTYPE}'")
+    dtype = values.pop(MODEL_DTYPE)
+    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, flag), {MODEL_DTYPE: dtype}
 
 
 def _behavior_settings(text: str | None) -> BehaviorSettings:
@@ -331,24 +339,67 @@ def cmd_answers(args) -> None:
 
     _set_threads(args.threads)
     settings, extra = _sampling_settings(args.settings)
-    run = {"model": args.model_key, "perturbation": args.perturbation, "step": args.step}
+    write_jsonl(args.out, _em_answers(args, settings, extra))
+
+
+def _em_answers(args, settings: BehaviorSettings, extra: dict, loaded: tuple | None = None) -> list[dict]:
+    """The EM answers of ``args``' run: through the configured server, else on ``loaded`` (model, tokenizer: the
+    base with ``args.adapter`` applied, at the sampling dtype) or a model loaded for it."""
+    run = {"model": args.model_key, "perturbation": args.perturbation or "base", "step": args.step}
     if settings.generation.backend == "server":
         from traitmon.behavior import sample_answers_server
 
-        rows = sample_answers_server(settings, run, adapter=args.adapter)
-    else:
-        from traitmon.behavior import sample_answers
+        return sample_answers_server(settings, run, adapter=args.adapter)
+    from traitmon.behavior import sample_answers
 
-        model, tok = _answer_model(args.model_dir, settings, extra, args.adapter)
-        rows = sample_answers(model, tok, settings, run, label=args.label or "")
-    write_jsonl(args.out, rows)
+    model, tok = loaded or _answer_model(args.model_dir, settings, extra, args.adapter)
+    return sample_answers(model, tok, settings, run, label=args.label or "")
+
+
+def _measure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="peft adapter folder (omit for the base model)")
+    p.add_argument("--perturbation", help="the run's perturbation (omit for the base model)")
+    p.add_argument("--step", type=int, default=0, help="the run's checkpoint step (0 for the base model)")
+    p.add_argument("--capture-settings", required=True, help="the capture section as JSON, with model_dtype")
+    p.add_argument("--answer-settings", required=True, help="what EM answer sampling reads, as JSON, with model_dtype")
+    p.add_argument("--capture-out", required=True)
+    p.add_argument("--answers-out", required=True)
+    p.add_argument("--label")
+
+
+@command("measure", "capture the measurement prompts and sample the EM answers of one checkpoint (or the base "
+         "model) in one process", _measure_args, "model_key", "threads", "model_dir")
+def cmd_measure(args) -> None:
+    """``capture`` then ``answers`` with one start-up: the same outputs, the model loaded once when both stages
+    compute at the same dtype (on CPU capture keeps float32 weights and sampling uses bfloat16, so it is loaded
+    again for sampling: still less than a second process)."""
+    from traitmon.io import write_jsonl
+    from traitmon.models import load_model, resolve_device, resolve_dtype
+    from traitmon.store import write_dataset
+
+    _set_threads(args.threads)
+    capture_settings, capture_extra = parse_settings(args.capture_settings, CaptureSettings, MODEL_DTYPE,
+                                                     flag="--capture-settings")
+    sampling, sampling_extra = _sampling_settings(args.answer_settings, flag="--answer-settings")
+    model, tok = load_model(args.model_dir, capture_extra[MODEL_DTYPE], adapter=args.adapter)
+    write_dataset(_measurement_capture(args, capture_settings, model, tok), args.capture_out)
+    device = resolve_device(None)
+    shared = resolve_dtype(_sampling_dtype(sampling, sampling_extra), device) == resolve_dtype(
+        capture_extra[MODEL_DTYPE], device)
+    loaded = (model, tok) if shared else None
+    del model
+    write_jsonl(args.answers_out, _em_answers(args, sampling, sampling_extra, loaded))
+
+
+def _sampling_dtype(settings: BehaviorSettings, extra: dict) -> str:
+    dtype = settings.generation.dtype  # auto: the model's configured dtype
+    return extra[MODEL_DTYPE] if dtype == "auto" else dtype
 
 
 def _answer_model(model_dir: str, settings: BehaviorSettings, extra: dict, adapter: str | None = None):
     from traitmon.models import load_model
 
-    dtype = settings.generation.dtype  # auto: the model's configured dtype
-    return load_model(model_dir, extra[MODEL_DTYPE] if dtype == "auto" else dtype, adapter=adapter)
+    return load_model(model_dir, _sampling_dtype(settings, extra), adapter=adapter)
 
 
 def _trait_answers_args(p: argparse.ArgumentParser) -> None:

@@ -1,48 +1,3 @@
-rule sample_answers_base:
-    input:
-        model=f"{RES}/models/{{model}}",
-    output:
-        answers=f"{RES}/answers/{{model}}/base.jsonl",
-    params:
-        settings=em_sampling_settings,
-    log:
-        f"{RES}/logs/answers/{{model}}/base.log",
-    threads: THREADS
-    resources:
-        mem_mb=model_mem_mb,
-        runtime=model_runtime,
-        gpu=GPU,
-    conda:
-        "../../envs/traitmon.yaml"
-    shell:
-        "traitmon answers --model-dir {input.model:q} --settings {params.settings:q} --out {output.answers:q}"
-        " --model-key {wildcards.model:q} --perturbation base --step 0 --label base"
-        " --threads {threads} > {log:q} 2>&1"
-
-
-rule sample_answers:
-    input:
-        model=f"{RES}/models/{{model}}",
-        adapter=f"{RES}/finetune/{{model}}/{{perturbation}}/checkpoint-{{step}}",
-    output:
-        answers=f"{RES}/answers/{{model}}/{{perturbation}}/step-{{step}}.jsonl",
-    params:
-        settings=em_sampling_settings,
-    log:
-        f"{RES}/logs/answers/{{model}}/{{perturbation}}/step-{{step}}.log",
-    threads: THREADS
-    resources:
-        mem_mb=model_mem_mb,
-        runtime=model_runtime,
-        gpu=GPU,
-    conda:
-        "../../envs/traitmon.yaml"
-    shell:
-        "traitmon answers --model-dir {input.model:q} --adapter {input.adapter:q}"
-        " --settings {params.settings:q} --out {output.answers:q} --model-key {wildcards.model:q}"
-        " --perturbation {wildcards.perturbation:q} --step {wildcards.step:q} --threads {threads} > {log:q} 2>&1"
-
-
 rule sample_trait_answers:
     # One job per model over every checkpoint (base loaded once, adapters applied in turn). Each (adapter,
     # trait) group is cached, so adding a trait or a perturbation samples only the new groups.
@@ -58,6 +13,8 @@ rule sample_trait_answers:
         cache=f"{RES}/cache/trait_answers/{{model}}",
     log:
         f"{RES}/logs/answers/{{model}}/traits.log",
+    # the longest job once the adapters exist, and the judge waits for it: before the per-checkpoint jobs
+    priority: 15
     threads: THREADS
     resources:
         mem_mb=model_mem_mb,
@@ -92,6 +49,7 @@ rule judge_runs:
         cache=f"{RES}/cache/judgements",
     log:
         f"{RES}/logs/behavior/{{judge}}/{{model}}.log",
+    priority: 10
     threads: 1
     resources:
         mem_mb=3000,

@@ -1,14 +1,22 @@
-rule capture_base:
+# The measurement of the base model and of each checkpoint: the activation capture of the fixed measurement set
+# and the sampled EM answers, in one process per checkpoint (one start-up and one import of torch/transformers
+# instead of two; the outputs are those `traitmon capture` and `traitmon answers` write). Either settings section
+# changing reruns the job; the other output comes out the same (seeded sampling, deterministic capture).
+
+
+rule measure_base:
     # expensive and reusable: shared between sweeps through SNAKEMAKE_OUTPUT_CACHE with --cache
     cache: "omit-software"
     input:
         model=f"{RES}/models/{{model}}",
     output:
         store=directory(f"{RES}/capture/{{model}}/base.zarr"),
+        answers=f"{RES}/answers/{{model}}/base.jsonl",
     params:
-        settings=capture_settings,
+        capture=capture_settings,
+        answers=em_sampling_settings,
     log:
-        f"{RES}/logs/capture/{{model}}/base.log",
+        f"{RES}/logs/measure/{{model}}/base.log",
     threads: THREADS
     resources:
         mem_mb=model_mem_mb,
@@ -17,11 +25,13 @@ rule capture_base:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon capture --model-dir {input.model:q} --model-key {wildcards.model:q} --settings {params.settings:q}"
-        " --out {output.store:q} --step 0 --threads {threads} > {log:q} 2>&1"
+        "traitmon measure --model-dir {input.model:q} --model-key {wildcards.model:q}"
+        " --capture-settings {params.capture:q} --answer-settings {params.answers:q}"
+        " --capture-out {output.store:q} --answers-out {output.answers:q} --step 0 --label base"
+        " --threads {threads} > {log:q} 2>&1"
 
 
-rule capture_checkpoint:
+rule measure_checkpoint:
     # expensive and reusable: shared between sweeps through SNAKEMAKE_OUTPUT_CACHE with --cache
     cache: "omit-software"
     input:
@@ -29,10 +39,14 @@ rule capture_checkpoint:
         adapter=f"{RES}/finetune/{{model}}/{{perturbation}}/checkpoint-{{step}}",
     output:
         store=directory(f"{RES}/capture/{{model}}/{{perturbation}}/step-{{step}}.zarr"),
+        answers=f"{RES}/answers/{{model}}/{{perturbation}}/step-{{step}}.jsonl",
     params:
-        settings=capture_settings,
+        capture=capture_settings,
+        answers=em_sampling_settings,
     log:
-        f"{RES}/logs/capture/{{model}}/{{perturbation}}/step-{{step}}.log",
+        f"{RES}/logs/measure/{{model}}/{{perturbation}}/step-{{step}}.log",
+    # the answers lead to the judge, the study's last long stage: start them as soon as an adapter exists
+    priority: 10
     threads: THREADS
     resources:
         mem_mb=model_mem_mb,
@@ -41,6 +55,7 @@ rule capture_checkpoint:
     conda:
         "../../envs/traitmon.yaml"
     shell:
-        "traitmon capture --model-dir {input.model:q} --model-key {wildcards.model:q} --adapter {input.adapter:q}"
-        " --settings {params.settings:q} --out {output.store:q}"
+        "traitmon measure --model-dir {input.model:q} --model-key {wildcards.model:q} --adapter {input.adapter:q}"
+        " --capture-settings {params.capture:q} --answer-settings {params.answers:q}"
+        " --capture-out {output.store:q} --answers-out {output.answers:q}"
         " --perturbation {wildcards.perturbation:q} --step {wildcards.step:q} --threads {threads} > {log:q} 2>&1"

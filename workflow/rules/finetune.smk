@@ -19,6 +19,8 @@ rule finetune:
         out=f"{RES}/finetune/{{model}}/{{perturbation}}",
     log:
         f"{RES}/logs/finetune/{{model}}/{{perturbation}}.log",
+    # the adapters gate every later stage but the directions and screening: train them first
+    priority: 20
     threads: THREADS
     resources:
         mem_mb=model_mem_mb,
