@@ -49,23 +49,27 @@ def runs(adapters):
     return base + [({"model": "tiny", "perturbation": "p", "step": s + 1}, a) for s, a in enumerate(adapters)]
 
 
-def test_adding_a_trait_samples_only_its_groups_and_equals_a_fresh_sampling(tiny_model_dir, adapters, tmp_path,
+def test_trait_answers_are_cached_per_checkpoint_and_equal_a_fresh_sampling(tiny_model_dir, adapters, tmp_path,
                                                                             monkeypatch):
     model, tok = load_model(tiny_model_dir)
     calls = []
     real = behavior.sample_rows
-    monkeypatch.setattr(behavior, "sample_rows", lambda *a, **k: calls.append(a[2][0]["kind"]) or real(*a, **k))
-    cache = tmp_path / "cache"
-    first = sample_trait_answers(model, tok, load_traits(["honesty"]), settings(), runs(adapters), cache)
-    assert calls == ["trait:honesty"] * 3  # base and two checkpoints
+    monkeypatch.setattr(behavior, "sample_rows",
+                        lambda *a, **k: calls.append(sorted({r["kind"] for r in a[2]})) or real(*a, **k))
+    cache, two = tmp_path / "cache", load_traits(["honesty", "sycophancy"])
+    first = sample_trait_answers(model, tok, two, settings(), runs(adapters)[:2], cache)
+    assert calls == [["trait:honesty", "trait:sycophancy"]] * 2  # one sampling per checkpoint, every trait in it
     calls.clear()
-    both = sample_trait_answers(model, tok, load_traits(["honesty", "sycophancy"]), settings(), runs(adapters), cache)
-    assert calls == ["trait:sycophancy"] * 3  # honesty came from the cache
-    assert [r for r in both if r["kind"] == "trait:honesty"] == first
-    fresh = sample_trait_answers(model, tok, load_traits(["honesty", "sycophancy"]), settings(), runs(adapters),
-                                 tmp_path / "fresh")
-    assert fresh == both
-    by_step = {r["step"]: r["answer"] for r in fresh if r["sample"] == 0 and r["kind"] == "trait:honesty"}
+    grown = sample_trait_answers(model, tok, two, settings(), runs(adapters), cache)  # a new checkpoint
+    assert len(calls) == 1 and grown[: len(first)] == first  # only it was sampled
+    assert grown == sample_trait_answers(model, tok, two, settings(), runs(adapters), tmp_path / "fresh")
+    # a trait added changes every checkpoint's rows: all are sampled again, and equal a fresh sampling
+    calls.clear()
+    three = load_traits(["honesty", "sycophancy", "confidence"])
+    added = sample_trait_answers(model, tok, three, settings(), runs(adapters), cache)
+    assert len(calls) == 3 and {r["kind"] for r in added} == {f"trait:{t}" for t in three}
+    assert added == sample_trait_answers(model, tok, three, settings(), runs(adapters), tmp_path / "fresh3")
+    by_step = {r["step"]: r["answer"] for r in added if r["sample"] == 0 and r["kind"] == "trait:honesty"}
     assert len(set(by_step.values())) > 1  # the adapters were applied (answers differ between checkpoints)
 
 

@@ -232,7 +232,7 @@ def new_trait(folder: Path, name: str = "deception") -> Path:
 def test_adding_a_trait_reuses_every_capture_and_em_answer(tiny_study, tmp_path):
     jobs = planned_after_edit(tiny_study, trait_dirs=[str(new_trait(tmp_path / "traits"))],
                               traits=[*TINY_CONFIG["traits"], "deception"])
-    # its extraction and steering, its trait answers (the per-model job samples only the new trait's groups),
+    # its extraction and steering, its trait answers (the per-model job samples every checkpoint's traits again),
     # the SAE (trained at the traits' median layer) and the aggregations; no capture, EM answer or screening
     assert jobs == {"extract_directions": 1, "steer_directions": 1, "summarize_directions": 1,
                     "sample_trait_answers": 1, "train_sae": 1, **dict.fromkeys(AGGREGATIONS, 1)}, jobs

@@ -100,31 +100,31 @@ def sample_trait_answers(model: PreTrainedModel | None, tokenizer: PreTrainedTok
                          cache: str | Path) -> list[dict]:
     """Trait-expression answers of every run (``(run, adapter folder or None for the base)``) and trait, with the
     base model loaded once and each adapter applied in turn (``model`` None: through the configured server).
-    Each (adapter, trait) group is sampled on its own seed and kept in ``cache`` (one JSONL per group, keyed by
-    the adapter's weights, the questions and the sampling settings), so a new trait or a new run samples only
-    its own groups."""
+
+    A checkpoint's rows (every trait's questions, in the traits' order) are sampled together, in batches of
+    ``batch_size`` as ``sample_rows`` makes them: one batch of 14 instead of seven of 2 is 3.4x faster on CPU.
+    Each checkpoint's answers are kept in ``cache`` (one JSONL per checkpoint, keyed by the adapter's weights, the
+    rows and the sampling settings), so a new run samples only its own checkpoints. Adding or removing a trait
+    changes every checkpoint's rows and so samples them all again: reusing the other traits' answers would make
+    a grown study's answers differ from a from-scratch run's, whose batches hold every trait."""
     from tqdm import tqdm
 
     from traitmon.io import file_hash, read_jsonl, stable_hash, write_jsonl
     from traitmon.models import adapter_applied
 
     sampling = {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "batch_size", "seed")}
+    rows = [row for name, trait in traits.items() for row in trait_answer_rows(name, trait, settings)]
     out = []
     for run, adapter in tqdm(runs, desc="trait answers", unit="checkpoint"):
         weights = file_hash(Path(adapter) / "adapter_model.safetensors") if adapter else "base"
-        groups = {name: trait_answer_rows(name, trait, settings) for name, trait in traits.items()}
-        paths = {name: Path(cache) / f"{stable_hash({'weights': weights, 'rows': rows, **sampling})}.jsonl"
-                 for name, rows in groups.items()}
-        todo = [name for name in groups if not paths[name].is_file()]
-        if todo and model is None:
-            for name in todo:
-                write_jsonl(paths[name], sample_rows_server(groups[name], settings, run, adapter))
-        elif todo:
+        path = Path(cache) / f"{stable_hash({'weights': weights, 'rows': rows, **sampling})}.jsonl"
+        if not path.is_file() and model is None:
+            write_jsonl(path, sample_rows_server(rows, settings, run, adapter))
+        elif not path.is_file():
             with adapter_applied(model, adapter) as applied:
-                for name in todo:
-                    write_jsonl(paths[name], sample_rows(applied, tokenizer, groups[name], settings, run, name))
-        stamp = {k: run[k] for k in RUN_FIELDS}  # a cached group may have been sampled under another run name
-        out += [{**row, **stamp} for name in groups for row in read_jsonl(paths[name])]
+                write_jsonl(path, sample_rows(applied, tokenizer, rows, settings, run, "traits"))
+        stamp = {k: run[k] for k in RUN_FIELDS}  # a cached checkpoint may have been sampled under another run name
+        out += [{**row, **stamp} for row in read_jsonl(path)]
     return out
 
 

@@ -1,6 +1,7 @@
 rule sample_trait_answers:
-    # One job per model over every checkpoint (base loaded once, adapters applied in turn). Each (adapter,
-    # trait) group is cached, so adding a trait or a perturbation samples only the new groups.
+    # One job per model over every checkpoint (base loaded once, adapters applied in turn; a checkpoint's traits
+    # in one batch). Each checkpoint's answers are cached: adding a perturbation samples only its checkpoints,
+    # adding or removing a trait samples every checkpoint again (its batch changes).
     input:
         model=f"{RES}/models/{{model}}",
         adapters=model_adapters,

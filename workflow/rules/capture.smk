@@ -17,6 +17,7 @@ rule measure_base:
         answers=em_sampling_settings,
     log:
         f"{RES}/logs/measure/{{model}}/base.log",
+    priority: 10  # the judge needs the base answers too
     threads: THREADS
     resources:
         mem_mb=model_mem_mb,
