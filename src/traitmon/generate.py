@@ -15,9 +15,10 @@ from traitmon.errors import TraitmonError
 def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages],
                        max_new_tokens: int = 48, temperature: float = 0.0, batch_size: int = 16, seed: int = 0,
                        desc: str = "generate", precision: str = "fp32") -> list[str]:
-    """One response per prompt. ``temperature == 0`` is greedy. Each batch is seeded from ``seed`` and
-    its position, so results do not depend on what ran before in the process. ``precision`` ``bf16`` decodes
-    under bfloat16 autocast (``traitmon.models.compute_precision``)."""
+    """One response per prompt. ``temperature == 0`` is greedy; above it, ``TopKSampler`` draws each token (the
+    distribution of ``generate(do_sample=True)``). Each batch draws from its own generator, seeded from ``seed``
+    and the batch's position, so results do not depend on what ran before in the process. ``precision`` ``bf16``
+    decodes under bfloat16 autocast (``traitmon.models.compute_precision``)."""
     from traitmon.models import compute_precision
 
     with compute_precision(precision, next(model.parameters()).device):
