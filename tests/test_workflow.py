@@ -279,6 +279,14 @@ def test_changing_an_em_cutoff_rejudges_without_resampling(tiny_study):
     assert jobs == dict.fromkeys(AGGREGATIONS, 1), jobs
 
 
+def test_changing_an_answer_sampling_key_reruns_the_measure_jobs_and_what_reads_them(tiny_study):
+    # a checkpoint's capture and EM answers share one measure job: a sampling key reruns it whole (the capture
+    # comes out the same), the trait answers, the SAE on the rewritten base capture, and the aggregations
+    jobs = planned_after_edit(tiny_study, behavior={**TINY_CONFIG["behavior"], "max_new_tokens": 5})
+    assert jobs == {"measure_base": 1, "measure_checkpoint": 6, "sample_trait_answers": 1, "train_sae": 1,
+                    **dict.fromkeys(AGGREGATIONS, 1)}, jobs
+
+
 def test_changing_the_judge_rejudges_without_resampling(tiny_study):
     jobs = planned_after_edit(tiny_study, judges={"other": {"type": "embedded"}})  # a new primary judge
     assert jobs == dict.fromkeys(AGGREGATIONS, 1), jobs

@@ -15,7 +15,7 @@ import yaml
 from scipy.stats import binomtest
 
 from traitmon.errors import TraitmonError
-from traitmon.generate import generate_responses
+from traitmon.generate import SAMPLER, generate_responses
 from traitmon.io import data_path
 from traitmon.judges import ALIGNED_RUBRIC, COHERENT_RUBRIC, EmbeddingJudge, Item, Judge, JudgementCache
 from traitmon.settings import BehaviorSettings
@@ -113,6 +113,8 @@ def sample_trait_answers(model: PreTrainedModel | None, tokenizer: PreTrainedTok
     from traitmon.models import adapter_applied
 
     sampling = {k: getattr(settings, k) for k in ("max_new_tokens", "temperature", "batch_size", "seed")}
+    # the sampler and the backend and dtype that run it shape the answers too
+    sampling |= {"sampler": SAMPLER, "backend": settings.generation.backend, "dtype": settings.generation.dtype}
     rows = [row for name, trait in traits.items() for row in trait_answer_rows(name, trait, settings)]
     out = []
     for run, adapter in tqdm(runs, desc="trait answers", unit="checkpoint"):

@@ -384,11 +384,23 @@ def cmd_measure(args) -> None:
     model, tok = load_model(args.model_dir, capture_extra[MODEL_DTYPE], adapter=args.adapter)
     write_dataset(_measurement_capture(args, capture_settings, model, tok), args.capture_out)
     device = resolve_device(None)
-    shared = resolve_dtype(_sampling_dtype(sampling, sampling_extra), device) == resolve_dtype(
-        capture_extra[MODEL_DTYPE], device)
+    shared = sampling.generation.backend == "hf" and resolve_dtype(
+        _sampling_dtype(sampling, sampling_extra), device) == resolve_dtype(capture_extra[MODEL_DTYPE], device)
     loaded = (model, tok) if shared else None
-    del model
+    if not shared:  # a server samples, or the sampling dtype loads another copy: free this one first
+        del model
+        _release_memory(device)
     write_jsonl(args.answers_out, _em_answers(args, sampling, sampling_extra, loaded))
+
+
+def _release_memory(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sampling_dtype(settings: BehaviorSettings, extra: dict) -> str:
@@ -406,7 +418,7 @@ def _trait_answers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trait-file", nargs="+", required=True)
     p.add_argument("--runs", nargs="+", required=True,
                    help="PERTURBATION:STEP=ADAPTER per checkpoint, and base:0 (no adapter) for the base model")
-    p.add_argument("--cache", required=True, help="folder of sampled (adapter, trait) groups, reused across edits")
+    p.add_argument("--cache", required=True, help="folder of each checkpoint's sampled trait answers, reused across edits")
     p.add_argument("--out", required=True)
 
 

@@ -274,7 +274,9 @@ class _Run:
 def _prepare(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[dict], general_chats: list[dict],
              settings: FinetuneSettings, name: str, model_dtype: str) -> _Run:
     model, tok = _peft_model(model_dir, settings, model_dtype)
-    return _Run(model, tok, AssistantOnlyCollator(tok.pad_token_id, learned_logits_only=True),
+    # Trainer wraps the model in DataParallel when it sees several GPUs, which would split logits_to_keep
+    learned_only = torch.cuda.device_count() <= 1
+    return _Run(model, tok, AssistantOnlyCollator(tok.pad_token_id, learned_logits_only=learned_only),
                 encode_rows(tok, train_rows, settings, f"{name}: train"),
                 encode_rows(tok, heldout_rows, settings, f"{name}: heldout"),
                 encode_rows(tok, _general_rows(general_chats), settings, "general chats"))

@@ -47,6 +47,7 @@ def _generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt
 
 
 HF_DEFAULT_TOP_K = 50  # what generate(do_sample=True) keeps when neither the call nor the model sets top_k
+SAMPLER = "topk-1"  # in the keys of cached sampled answers: another sampler draws other answers
 
 
 def sampling_top_k(model: PreTrainedModel) -> int:
@@ -66,7 +67,10 @@ class TopKSampler(LogitsProcessor):
     (``sampling_top_k``: the model's ``generation_config``, else transformers' 50; None or 0 keeps the whole
     vocabulary). Drawing
     among those k instead of ``torch.multinomial`` over the whole vocabulary removes a fifth of CPU decoding time
-    (bench/sample_answers.py), and its own generator keeps a batch's draws independent of any other RNG use."""
+    (bench/sample_answers.py), and its own generator keeps a batch's draws independent of any other RNG use.
+    Two edge cases differ from transformers: a tie with the k-th score keeps exactly k tokens (transformers keeps
+    every tied one), and a model's ``generation_config`` ``min_p``, ``typical_p``, ``epsilon_cutoff`` or
+    ``eta_cutoff`` is not applied (none of the configured models sets them)."""
 
     def __init__(self, temperature: float, top_k: int | None, generator: torch.Generator):
         if temperature <= 0:
