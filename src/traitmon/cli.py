@@ -304,16 +304,19 @@ def _sampling_settings(text: str, flag: str = "--settings") -> tuple[BehaviorSet
     values = parse_jsonl_line(text, flag)
     if MODEL_DTYPE not in values:
         raise TraitmonError(f"{flag}: missing key '{MODEL_DTYPE}'")
-    dtype = values.pop(MODEL_DTYPE)
-    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, flag), {MODEL_DTYPE: dtype}
+    return _behavior_from(values, flag), {MODEL_DTYPE: values[MODEL_DTYPE]}
 
 
 def _behavior_settings(text: str | None) -> BehaviorSettings:
     """The behavior section for the judging commands: the schema's defaults under the keys a blob gives (the
     EM cut-offs, say); the rules' blob also carries the model's dtype (it is shared with ``answers``)."""
-    values = _settings(text) if text else {}
-    values.pop(MODEL_DTYPE, None)
-    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, "--settings")
+    return _behavior_from(_settings(text) if text else {}, "--settings")
+
+
+def _behavior_from(values: dict, flag: str) -> BehaviorSettings:
+    """The schema's behavior defaults under ``values`` (its ``model_dtype``, if any, left out)."""
+    values = {k: v for k, v in values.items() if k != MODEL_DTYPE}
+    return build(BehaviorSettings, {**section_defaults("behavior"), **values}, flag)
 
 
 def _judge_and_cache(args):

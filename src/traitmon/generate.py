@@ -65,9 +65,9 @@ class TopKSampler(LogitsProcessor):
 
     The distribution is ``generate(do_sample=True)``'s: scores / temperature, kept to the ``top_k`` best
     (``sampling_top_k``: the model's ``generation_config``, else transformers' 50; None or 0 keeps the whole
-    vocabulary). Drawing
-    among those k instead of ``torch.multinomial`` over the whole vocabulary removes a fifth of CPU decoding time
-    (bench/sample_answers.py), and its own generator keeps a batch's draws independent of any other RNG use.
+    vocabulary). Drawing among those k instead of ``torch.multinomial`` over the whole vocabulary removes a fifth
+    of CPU decoding time (bench/sample_answers.py), and its own generator keeps a batch's draws independent of
+    any other RNG use.
     Two edge cases differ from transformers: a tie with the k-th score keeps exactly k tokens (transformers keeps
     every tied one), and a model's ``generation_config`` ``min_p``, ``typical_p``, ``epsilon_cutoff`` or
     ``eta_cutoff`` is not applied (none of the configured models sets them)."""
