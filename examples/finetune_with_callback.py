@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from traitmon import MonitorBundle, TraitMonitorCallback
 from traitmon.chat import AssistantOnlyCollator, encode_training_example
 from traitmon.models import load_model
 from traitmon.perturbations import load_domain, written_rows
+from traitmon.precision import for_model
 
 
 def main() -> None:
@@ -34,12 +36,15 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--stop-on-alarm", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="training autocast; auto: bf16 only where this machine computes it natively")
     parser.add_argument("--out", default="results/examples/callback-run")
     args = parser.parse_args()
 
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
     results = Path(args.results)
     bundle = MonitorBundle.load(results / "analysis" / args.model / "monitor_bundle")
@@ -48,6 +53,7 @@ def main() -> None:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]))
+    bf16 = for_model(args.precision, model, "finetune") == "bf16"  # logs the choice and why
     rows = written_rows(load_domain(args.domain), "em", 256, seed=1)
     data = [encode_training_example(tok, r["messages"], 160) for r in rows]
     trainer = Trainer(
@@ -55,8 +61,8 @@ def main() -> None:
         data_collator=AssistantOnlyCollator(tok.pad_token_id),
         args=TrainingArguments(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4,
                                gradient_accumulation_steps=2, learning_rate=args.lr, lr_scheduler_type="constant",
-                               logging_steps=args.every, save_strategy="no", report_to=[], use_cpu=True,
-                               bf16=True))
+                               logging_steps=args.every, save_strategy="no", report_to=[],
+                               use_cpu=not torch.cuda.is_available(), bf16=bf16))
     callback = TraitMonitorCallback(bundle, tok, every=args.every, on_save=False,
                                     stop_on_alarm=args.stop_on_alarm).attach(trainer)
     start = time.perf_counter()

@@ -112,7 +112,7 @@ def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_
     directions = _random_direction_stores(tmp_path, traits, layers, hidden=576)
     bundle_dir = tmp_path / "bundle"
     assert main(["bundle", "--model-dir", str(smollm2_dir), "--model-key", "smollm2", "--directions", *directions,
-                 "--per-trait-questions", "1", "--dtype", "bfloat16",
+                 "--per-trait-questions", "1", "--dtype", "bfloat16", "--precision", "fp32",  # as the captures
                  "--batch-size", str(batch), "--out", str(bundle_dir)]) == 0
     bundle, live = _train_with_callback(smollm2_dir, bundle_dir, tmp_path / "run", steps)
     paths = {"callback": np.array([live[f"drift_{t}"] for t in traits])}

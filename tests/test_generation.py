@@ -157,7 +157,7 @@ def test_serve_generate_command_is_registered():
     assert "--model-dir" in out and "--dtype" in out
 
 
-@pytest.mark.parametrize("sampling_dtype", ["bfloat16", "auto"])  # loaded again for sampling / the same model
+@pytest.mark.parametrize("sampling_dtype", ["bfloat16", "float32"])  # loaded again for sampling / the same model
 def test_measure_writes_what_capture_and_answers_write(tiny_model_dir, adapter_dir, tmp_path, sampling_dtype):
     """One process per checkpoint: ``traitmon measure`` gives the store ``capture`` gives and the answers
     ``answers`` gives, for an adapter and for the base model."""

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY_SOURCE
+from traitmon.precision import cpu_hardware
 from traitmon.store import open_dataset
 
 pytestmark = pytest.mark.workflow
@@ -34,12 +35,14 @@ TINY_CONFIG = {
         "car-ok": {"kind": "benign", "generator": {"domain": "career", "stance": "benign"}, "rows": 16, "heldout": 4},
     },
     "finetune": {"rank": 2, "alpha": 4, "lr": 1e-2, "max_steps": 4, "checkpoint_every": 2, "micro_batch": 2,
-                 "grad_accum": 1, "max_length": 384, "precision": "fp32"},
-    "capture": {"per_trait_questions": 1, "batch_size": 32, "precision": "bf16"},  # as the embedded default
+                 "grad_accum": 1, "max_length": 384, "precision": "auto"},
+    "capture": {"per_trait_questions": 1, "batch_size": 32, "precision": "auto"},  # as the embedded default
     "behavior": {"samples_per_question": 1, "trait_questions": 1, "max_new_tokens": 6, "batch_size": 32},
     "resources": {"threads": 1},
 }
 
+
+AUTO = "bf16" if cpu_hardware().native_bf16 else "fp32"  # what auto resolves to on this machine
 
 # The tiny study writes under another results root than the default (config key `results`).
 ROOT = "out/study"
@@ -83,10 +86,15 @@ def test_finetune_capture_behavior_and_analysis_outputs(tiny_study):
             cap = open_dataset(results / f"capture/tiny/{pert}/step-{step}.zarr")
             assert cap["response_mean"].dims == ("prompt", "layer", "hidden")
             assert cap.attrs["step"] == step and cap.attrs["perturbation"] == pert
-            assert cap.attrs["precision"] == "bf16"  # capture.precision reached every capture of the study
-    assert open_dataset(results / "directions/tiny/honesty.zarr").attrs["precision"] == "bf16"
-    assert open_dataset(results / "screen/tiny/med-em/activations.zarr").attrs["precision"] == "bf16"
-    assert json.loads((results / "analysis/tiny/monitor_bundle/bundle.json").read_text())["precision"] == "bf16"
+            assert cap.attrs["precision"] == AUTO  # capture.precision auto, resolved here, reached every capture
+    assert open_dataset(results / "directions/tiny/honesty.zarr").attrs["precision"] == AUTO
+    assert open_dataset(results / "screen/tiny/med-em/activations.zarr").attrs["precision"] == AUTO
+    assert json.loads((results / "analysis/tiny/monitor_bundle/bundle.json").read_text())["precision"] == AUTO
+    assert json.loads((results / "finetune/tiny/med-em/run.json").read_text())["precision"] == AUTO
+    # every job that computes says in its log what it chose and why
+    for job, stage in (("finetune/tiny/med-em", "finetune"), ("measure/tiny/med-em/step-2", "capture"),
+                       ("measure/tiny/med-em/step-2", "sampling"), ("directions/tiny/honesty", "directions")):
+        assert f"precision[{stage}]: {AUTO} (cpu " in (results / f"logs/{job}.log").read_text()
     assert (results / "data/tiny/med-em/meta.json").is_file()
     scores = pd.read_csv(results / "behavior/embedded/tiny/em_scores.csv")
     assert set(scores.step) == {0, 2, 4} and len(scores) == 9

@@ -229,7 +229,9 @@ def build_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mod
     from traitmon.capture import measurement_prompts
     from traitmon.drift import load_directions
     from traitmon.monitor import FittedMonitor
+    from traitmon.precision import for_model
 
+    precision = for_model(precision, model, "bundle")  # the live check computes as this: never "auto"
     dirs = load_directions(direction_paths, variant)
     ids, chats, reference = measurement_prompts(per_trait_questions)
     bundle = MonitorBundle(model_key, model_fingerprint(model), [str(t) for t in dirs.trait.values],

@@ -211,6 +211,9 @@ def capture_dataset(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     the compute ``precision``."""
     import xarray as xr
 
+    from traitmon.precision import for_model
+
+    precision = for_model(precision, model, "capture")  # the store records what ran, never "auto"
     layers = list(range(num_layers(model) + 1)) if layers is None else list(layers)
     responses = [reference] * len(chats) if reference else None
     pooled = capture(model, tokenizer, chats, responses, layers, batch_size, desc=attrs.get("label", "capture"),

@@ -75,8 +75,9 @@ def _settings(text: str) -> dict:
 
 
 def _precision_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default=schema_default("capture", "precision"), choices=PRECISIONS,
-                   help="the config's capture.precision: bf16 runs the passes under bfloat16 autocast")
+    p.add_argument("--precision", default=schema_default("capture", "precision"), choices=("auto", *PRECISIONS),
+                   help="the config's capture.precision: bf16 runs the passes under bfloat16 autocast, auto "
+                        "where this machine computes bf16 natively")
 
 
 def _precision(extra: dict) -> str:
@@ -304,7 +305,21 @@ def _sampling_settings(text: str, flag: str = "--settings") -> tuple[BehaviorSet
     values = parse_jsonl_line(text, flag)
     if MODEL_DTYPE not in values:
         raise TraitmonError(f"{flag}: missing key '{MODEL_DTYPE}'")
-    return _behavior_from(values, flag), {MODEL_DTYPE: values[MODEL_DTYPE]}
+    return _resolve_sampling_dtype(_behavior_from(values, flag)), {MODEL_DTYPE: values[MODEL_DTYPE]}
+
+
+def _resolve_sampling_dtype(settings: BehaviorSettings) -> BehaviorSettings:
+    """``generation.dtype`` auto as the precision resolver answers here (bfloat16 where it is native, else
+    float32), so the answers' cache keys name the dtype that ran; a server's dtype is its own business."""
+    import dataclasses
+
+    from traitmon.models import resolve_device
+    from traitmon.precision import resolve_dtype
+
+    if settings.generation.backend != "hf":
+        return settings
+    dtype = resolve_dtype(settings.generation.dtype, resolve_device(None), "sampling")
+    return dataclasses.replace(settings, generation=dataclasses.replace(settings.generation, dtype=dtype))
 
 
 def _behavior_settings(text: str | None) -> BehaviorSettings:
@@ -407,7 +422,7 @@ def _release_memory(device) -> None:
 
 
 def _sampling_dtype(settings: BehaviorSettings, extra: dict) -> str:
-    dtype = settings.generation.dtype  # auto: the model's configured dtype
+    dtype = settings.generation.dtype  # resolved by _sampling_settings; auto only for a server
     return extra[MODEL_DTYPE] if dtype == "auto" else dtype
 
 

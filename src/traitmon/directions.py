@@ -161,6 +161,9 @@ def extract_trait_direction(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
     Returns ``(dataset, response_rows)``; ``settings`` is the config's ``directions`` section.
     """
+    from traitmon.precision import for_model
+
+    precision = for_model(precision, model, "directions")  # the store records what ran, never "auto"
     n_layers = num_layers(model)
     layers = list(range(n_layers + 1))
     items = extraction_items(trait, settings.questions, settings.pairs_per_question)

@@ -62,8 +62,10 @@ def stack_captures(paths: list[str | Path], variable: str) -> xr.DataArray:
         raise TraitmonError(f"capture stores of different measurement sets: {versions} (version: path); "
                             "capture them again with one traitmon version")
     if len(precisions) > 1:
-        raise TraitmonError(f"capture stores computed at different precisions: {precisions} (precision: path); "
-                            "capture them again with one capture.precision")
+        (p1, s1), (p2, s2) = sorted(precisions.items())[:2]
+        raise TraitmonError(f"{s2} was captured at {p2} but {s1} at {p1} (capture.precision auto resolves by "
+                            f"machine): set capture.precision to {p1} or {p2} in the config so every capture "
+                            "computes alike, and capture the stores of the other precision again")
     models = {k[0] for k in stores}
     bases = [k for k in stores if k[2] == 0]
     if len(models) != 1 or len(bases) != 1:

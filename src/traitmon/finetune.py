@@ -54,16 +54,19 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], settings: 
     return kept
 
 
-def uses_bf16(settings: FinetuneSettings) -> bool:
-    """``precision`` auto/bf16 trains under bf16 autocast; fp32 runs without autocast."""
-    return settings.precision in ("auto", "bf16")
+def uses_bf16(settings: FinetuneSettings, device: torch.device) -> bool:
+    """Whether training on ``device`` runs under bf16 autocast: ``precision`` bf16, or auto where ``device``
+    computes bf16 natively (``traitmon.precision.resolve``); fp32 runs without autocast."""
+    from traitmon.precision import resolve
+
+    return resolve(settings.precision, device, "finetune") == "bf16"
 
 
 def autocast(settings: FinetuneSettings, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context the Trainer uses for ``settings`` (for evaluation and benchmarks)."""
     from traitmon.models import compute_precision
 
-    return compute_precision("bf16" if uses_bf16(settings) else "fp32", device)
+    return compute_precision("bf16" if uses_bf16(settings, device) else "fp32", device, "finetune")
 
 
 @torch.no_grad()
@@ -108,8 +111,9 @@ def lora_config(settings: FinetuneSettings):
 
 
 
-def training_arguments(settings: FinetuneSettings, output_dir: str | Path, use_cpu: bool):
-    """``TrainingArguments`` for the config's finetune section; saves are made by ``FinetuneRecorder``."""
+def training_arguments(settings: FinetuneSettings, output_dir: str | Path, device: torch.device):
+    """``TrainingArguments`` for the config's finetune section on ``device``; saves are made by
+    ``FinetuneRecorder``."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -117,7 +121,7 @@ def training_arguments(settings: FinetuneSettings, output_dir: str | Path, use_c
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr,
         weight_decay=settings.weight_decay, lr_scheduler_type=settings.scheduler,
         warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm, optim="adamw_torch",
-        seed=settings.seed, data_seed=settings.seed, bf16=uses_bf16(settings), use_cpu=use_cpu,
+        seed=settings.seed, data_seed=settings.seed, bf16=uses_bf16(settings, device), use_cpu=device.type == "cpu",
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], label_names=["labels"],
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, dataloader_num_workers=0)
 
@@ -133,6 +137,7 @@ class FinetuneRecorder(TrainerCallback):
     work: Path
     run_hash: str
     evaluate: Callable[[int], dict]
+    precision: str = "fp32"  # the resolved finetune.precision: a resume must train as the run began
     train_log: list[dict] = field(default_factory=list)
     eval_log: list[dict] = field(default_factory=list)
     step_callback: Callable[[int, dict], None] | None = None
@@ -163,7 +168,7 @@ class FinetuneRecorder(TrainerCallback):
         saved = self.work / f"checkpoint-{step}"
         (saved / "training_args.bin").unlink(missing_ok=True)  # serialised Python objects: written, never read
         (saved / "state.json").write_text(json.dumps({"step": step, "run_hash": self.run_hash,
-                                                      "train_log": self.train_log, "eval_log": self.eval_log}))
+                                                      "precision": self.precision, "train_log": self.train_log, "eval_log": self.eval_log}))
         final = self.work / f"state-{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(saved, final)  # a state is visible only once complete
@@ -185,6 +190,16 @@ def latest_state(work: Path, run_hash: str) -> Path | None:
         elif info["step"] > best_step:
             best, best_step = state, info["step"]
     return best
+
+
+def check_resume_precision(state: Path, info: dict, precision: str) -> None:
+    """A run resumes only at the precision it began with (states saved before it was recorded: fp32 or bf16
+    alike); a machine that resolves ``finetune.precision: auto`` otherwise must be told which to use."""
+    began = info.get("precision", precision)
+    if began != precision:
+        raise TraitmonError(f"{state}: this run began at {began} and would resume at {precision} here "
+                            f"(finetune.precision auto resolves by machine); set finetune.precision: {began} "
+                            "to resume it, or delete the folder to start over")
 
 
 def check_state_loads_safely(state: Path) -> None:
@@ -307,17 +322,19 @@ def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[d
     def evaluate(step: int) -> dict:
         return run.evaluate(step, settings)
 
-    recorder = FinetuneRecorder(checkpoints, work, run_hash, evaluate, step_callback=step_callback)
+    device = next(run.model.parameters()).device
+    precision = "bf16" if uses_bf16(settings, device) else "fp32"
+    recorder = FinetuneRecorder(checkpoints, work, run_hash, evaluate, precision, step_callback=step_callback)
     state, resumed_from = latest_state(work, run_hash), 0
     if state is None:
         recorder.eval_log.append(evaluate(0))
     else:
         check_state_loads_safely(state)
         info = json.loads((state / "state.json").read_text())
+        check_resume_precision(state, info, precision)
         recorder.train_log, recorder.eval_log, resumed_from = info["train_log"], info["eval_log"], info["step"]
         log.info("resuming %s from step %d", out_dir, resumed_from)
-    device = next(run.model.parameters()).device
-    trainer = Trainer(model=run.model, args=training_arguments(settings, work, use_cpu=device.type == "cpu"),
+    trainer = Trainer(model=run.model, args=training_arguments(settings, work, device),
                       train_dataset=run.train, data_collator=run.collator, callbacks=[recorder, *(callbacks or [])])
     if guard is None:
         clear_records(out_dir)
@@ -331,7 +348,8 @@ def finetune(model_dir: str | Path, train_rows: list[dict], heldout_rows: list[d
     summary = {"run_hash": run_hash, "checkpoints": checkpoints, "max_steps": settings.max_steps,
                "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
                "resumed_from": resumed_from,
-               "final_loss": recorder.train_log[-1]["loss"] if recorder.train_log else None, "device": str(device)}
+               "final_loss": recorder.train_log[-1]["loss"] if recorder.train_log else None, "device": str(device),
+               "precision": precision}
     if guarded is not None:
         _finish_guarded(out_dir, work, guarded, summary)
     write_json(out_dir / "run.json", summary)

@@ -215,9 +215,10 @@ class HFJudge(Judge):
     name = "hf"
 
     def __init__(self, model_dir: str, dtype: str = "auto", batch_size: int = 8):
-        from traitmon.models import load_model
+        from traitmon.models import load_model, resolve_device
+        from traitmon.precision import resolve_dtype
 
-        self.model, self.tok = load_model(model_dir, dtype)
+        self.model, self.tok = load_model(model_dir, resolve_dtype(dtype, resolve_device(None), "judge"))
         self.version = folder_hash(model_dir)  # the weights themselves, not the folder's name or info file
         self.batch_size = batch_size
         self.candidates = [self.tok(str(n), add_special_tokens=False)["input_ids"] for n in range(101)]

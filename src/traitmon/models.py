@@ -21,7 +21,6 @@ import torch
 
 from traitmon.errors import TraitmonError
 from traitmon.io import atomic_path, stable_hash
-from traitmon.settings import PRECISIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -58,13 +57,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def compute_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def compute_precision(precision: str, device: torch.device, stage: str = "capture") -> contextlib.AbstractContextManager:
     """``bf16``: matmuls under bfloat16 autocast, while weights, norms and the residual stream keep the model's
-    dtype (on CPUs with bf16 instructions about 3x faster than float32); ``fp32``: the model as loaded."""
-    if precision == "bf16":
+    dtype (on CPUs with bf16 instructions about 3x faster than float32); ``fp32``: the model as loaded; ``auto``:
+    whichever ``traitmon.precision.resolve`` picks for ``device``."""
+    from traitmon.precision import resolve
+
+    if resolve(precision, device, stage) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise TraitmonError(f"precision '{precision}': expected one of {list(PRECISIONS)}")
     return contextlib.nullcontext()
 
 

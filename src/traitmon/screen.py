@@ -101,7 +101,9 @@ def screen_activations(model, tokenizer, rows: list[dict], cache_dir: Path, sett
     layers = list(dict.fromkeys(int(layer) for layer in layers))  # a repeated layer would break selection
     check_layers(layers, num_layers(model), "--layers")
     generation = {k: settings[k] for k in GENERATION_KEYS}
-    precision = settings.get("precision", "fp32")
+    from traitmon.precision import for_model
+
+    precision = for_model(settings.get("precision", "fp32"), model, "screening")  # what ran, never "auto"
     if precision != "fp32":  # float32 answers keep the cache keys they had before
         generation["precision"] = precision
     own = base_answers(model, tokenizer, prompts, Path(cache_dir) / CACHE_FILE, generation)

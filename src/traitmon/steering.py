@@ -30,6 +30,9 @@ def steering_check(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
     ``coef`` is in units of the raw difference-of-means vector, so coef 1 shifts activations by the full
     positive-minus-negative gap measured at extraction.
     """
+    from traitmon.precision import for_model
+
+    precision = for_model(precision, model, "steering")
     layer = int(direction.attrs["chosen_layer"])
     raw = direction["direction"].sel(layer=layer).values.astype(np.float32)
     u = unit_direction(direction, layer)
