@@ -68,8 +68,8 @@ def _random_direction_stores(folder, traits, layers, hidden, seed=0):
     return paths
 
 
-def _train_with_callback(model_dir, bundle_dir, run_dir, steps):
-    """A real LoRA finetune (lr 2e-4, the config's bf16) watched by TraitMonitorCallback; saves checkpoint-{steps}."""
+def _train_with_callback(model_dir, bundle_dir, run_dir, steps, lr=2e-4, max_length=64):
+    """A real LoRA finetune watched by TraitMonitorCallback; saves checkpoint-{steps}."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -84,9 +84,9 @@ def _train_with_callback(model_dir, bundle_dir, run_dir, steps):
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM", target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     rows = written_rows(load_domain("medical"), "em", 2 * steps, seed=0)
-    data = [encode_training_example(tok, r["messages"], 64) for r in rows]
+    data = [encode_training_example(tok, r["messages"], max_length) for r in rows]
     args = TrainingArguments(output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=2,
-                             learning_rate=2e-4, lr_scheduler_type="constant", save_steps=steps,
+                             learning_rate=lr, lr_scheduler_type="constant", save_steps=steps,
                              save_strategy="steps", save_only_model=True, logging_steps=1, report_to=[],
                              use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=AssistantOnlyCollator(tok.pad_token_id))
@@ -97,10 +97,10 @@ def _train_with_callback(model_dir, bundle_dir, run_dir, steps):
     return bundle, entry
 
 
-@pytest.mark.smollm2
-def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_dir, tmp_path):
-    """Issue: offline capture and watch merged the LoRA into bf16 weights, the bundle loaded the base in the
-    default dtype, left-padded batches had shifted positions. Same adapter -> same drift, within 1% of its norm."""
+def _drift_three_ways(model_dir, tmp_path, model_dtype: str, hidden: int, layers: list[int], lr: float = 2e-4,
+                      max_length: int = 64) -> dict:
+    """One adapter's drift from the live callback, from ``watch`` and from offline captures, the base loaded in
+    ``model_dtype`` everywhere (as a study's config gives it)."""
     import numpy as np
 
     from traitmon.cli import main
@@ -108,33 +108,53 @@ def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_
     from traitmon.store import open_dataset
     from traitmon.watcher import watch
 
-    traits, layers, steps, batch = ["honesty", "sycophancy", "power-seeking"], [4, 8, 12], 2, 8
-    directions = _random_direction_stores(tmp_path, traits, layers, hidden=576)
+    traits, steps, batch = ["honesty", "sycophancy", "power-seeking"], 2, 8
+    directions = _random_direction_stores(tmp_path, traits, layers, hidden=hidden)
     bundle_dir = tmp_path / "bundle"
-    assert main(["bundle", "--model-dir", str(smollm2_dir), "--model-key", "smollm2", "--directions", *directions,
-                 "--per-trait-questions", "1", "--dtype", "bfloat16", "--precision", "fp32",  # as the captures
+    assert main(["bundle", "--model-dir", str(model_dir), "--model-key", "m", "--directions", *directions,
+                 "--per-trait-questions", "1", "--dtype", model_dtype, "--precision", "fp32",  # as the captures
                  "--batch-size", str(batch), "--out", str(bundle_dir)]) == 0
-    bundle, live = _train_with_callback(smollm2_dir, bundle_dir, tmp_path / "run", steps)
+    bundle, live = _train_with_callback(model_dir, bundle_dir, tmp_path / "run", steps, lr, max_length)
     paths = {"callback": np.array([live[f"drift_{t}"] for t in traits])}
 
-    (watched,) = watch(tmp_path / "run", smollm2_dir, bundle, once=True, interval=0.2, printer=lambda _: None)
+    (watched,) = watch(tmp_path / "run", model_dir, bundle, once=True, interval=0.2, printer=lambda _: None)
     paths["watch"] = np.array([watched[f"drift_{t}"] for t in traits])
 
     settings = {"per_trait_questions": 1, "layers": sorted(set(layers)), "reference_response": True,
-                "batch_size": batch, "dtype": "float32", "precision": "fp32", "model_dtype": "bfloat16"}
+                "batch_size": batch, "dtype": "float32", "precision": "fp32", "model_dtype": model_dtype}
     stores = {}
     for name, extra in (("base", []), ("ckpt", ["--adapter", str(tmp_path / f"run/checkpoint-{steps}")])):
         stores[name] = tmp_path / f"{name}.zarr"
-        assert main(["capture", "--model-dir", str(smollm2_dir), "--model-key", "smollm2",
+        assert main(["capture", "--model-dir", str(model_dir), "--model-key", "m",
                      "--settings", json.dumps(settings), "--out", str(stores[name]), "--step",
                      "0", *extra]) == 0
     dirs = load_directions(directions, "response_mean")
     proj = {k: project(open_dataset(p, load=True)["response_mean"], dirs) for k, p in stores.items()}
     scale = drift_scale(proj["base"].transpose("prompt", "trait").values)  # the drift table's base-spread units
     paths["capture"] = ((proj["ckpt"] - proj["base"]) / scale).mean("prompt").sel(trait=traits).values
+    return paths
+
+
+def _assert_same_drift(paths: dict) -> None:
+    import numpy as np
 
     norm = np.linalg.norm(paths["capture"])
     assert norm > 0  # the adapter moved the activations
     for name in ("callback", "watch"):
         gap = np.linalg.norm(paths[name] - paths["capture"])
         assert gap <= 0.01 * norm, f"{name} drift {paths[name]} vs capture {paths['capture']}: gap {gap / norm:.2%}"
+
+
+@pytest.mark.smollm2
+def test_capture_watch_and_callback_give_the_same_drift_for_one_adapter(smollm2_dir, tmp_path):
+    """Issue: offline capture and watch merged the LoRA into the weights, the bundle loaded the base in the
+    default dtype, left-padded batches had shifted positions. Same adapter -> same drift, within 1% of its norm,
+    on the real model (float32: fast on every CPU; the bf16 path is the next test's)."""
+    _assert_same_drift(_drift_three_ways(smollm2_dir, tmp_path, "float32", 576, [4, 8, 12]))
+
+
+def test_live_watch_and_capture_agree_with_bfloat16_weights(tiny_model_dir, tmp_path):
+    """The same three paths with the base in bfloat16, where merging a small LoRA update into the weights would
+    round it away (it gave 82% disagreement on SmolLM2): a tiny model, so CPUs without native bf16 run it fast."""
+    # byte-level tokens: 384 of them reach the answers
+    _assert_same_drift(_drift_three_ways(tiny_model_dir, tmp_path, "bfloat16", 32, [1, 2, 3], 2e-4, 384))
